@@ -1,0 +1,7 @@
+//! Dirty sets: chunk numbers in a roaring bitmap, persisted until shipped, and
+//! turned into byte extents for readers.
+
+pub mod extents;
+pub mod store;
+
+pub use extents::{extents, Extent};

@@ -1,0 +1,367 @@
+//! Tracking as the user sees it: a [`Tracker`] for the kernel's bits plus the
+//! [`Store`] for what has been drained but not yet shipped.
+//!
+//! Invariants kept here:
+//! - **Never a silent empty set.** Each device records the tracker epoch it is
+//!   tracked under. A different epoch (reboot, program unloaded, pins lost),
+//!   a missing kernel slot, an overflow or a drain cut short puts the device in
+//!   `needs-resync` with the reason, and that sticks until a checksum resync.
+//!   A device that lost tracking is re-armed at once, so new writes are
+//!   tracked again while the resync is pending.
+//! - **Drains are crash-safe.** A drain first persists an in-use flag, then
+//!   takes the kernel's bits, then persists them merged into the pending set
+//!   and drops the flag. A crash between the first and last step leaves the
+//!   flag set, which the next command reports as `needs-resync:
+//!   interrupted-drain`. If the bits cannot be persisted they go back to the
+//!   kernel bitmap.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use roaring::RoaringBitmap;
+use serde::Serialize;
+
+use crate::{
+    device::{BlockDevice, DevNum, DeviceError},
+    dirty::{
+        extents,
+        store::{DeviceRecord, Store, StoreError},
+    },
+    tracker::{ChunkSize, Counters, Epoch, TrackSpec, Tracker, TrackerError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    #[error("{path} is already tracked")]
+    AlreadyTracked { path: PathBuf },
+    #[error("{path} is not tracked")]
+    NotTracked { path: PathBuf },
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Tracker(#[from] TrackerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Tracking state of a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    Tracking,
+    NeedsResync(String),
+}
+
+impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Tracking => "tracking",
+            State::NeedsResync(_) => "needs-resync",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            State::Tracking => None,
+            State::NeedsResync(r) => Some(r),
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            State::Tracking => f.write_str("tracking"),
+            State::NeedsResync(r) => write!(f, "needs-resync: {r}"),
+        }
+    }
+}
+
+/// The dirty set of one device, as `ferry track dirty` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DirtyReport {
+    pub device: PathBuf,
+    pub chunk_size: u64,
+    /// `[offset, length]` in bytes, relative to the device, sorted, coalesced.
+    pub extents: Vec<[u64; 2]>,
+    pub dirty_bytes: u64,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One line of `ferry track list`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceReport {
+    pub device: PathBuf,
+    pub dev: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub dirty_chunks: u64,
+    pub dirty_bytes: u64,
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub counters: Counters,
+    /// Kernel memory held by the device's bitmap.
+    pub bitmap_bytes: u64,
+    pub epoch: Epoch,
+}
+
+/// How long `add` waits for writes submitted before tracking began to finish.
+const QUIESCE_WAIT: Duration = Duration::from_secs(2);
+
+pub struct Tracking<T: Tracker> {
+    tracker: T,
+    store: Store,
+}
+
+impl<T: Tracker> Tracking<T> {
+    pub fn new(tracker: T, store: Store) -> Self {
+        Self { tracker, store }
+    }
+
+    pub fn tracker_mut(&mut self) -> &mut T {
+        &mut self.tracker
+    }
+
+    /// Starts tracking `path`.
+    pub fn add(&mut self, path: &Path, chunk: ChunkSize) -> Result<DeviceReport, TrackError> {
+        let device = BlockDevice::resolve(path)?;
+        if self.store.record(device.dev)?.is_some() {
+            return Err(TrackError::AlreadyTracked { path: device.path });
+        }
+        let spec = TrackSpec {
+            device: device.clone(),
+            chunk,
+        };
+        let epoch = match self.tracker.add(&spec) {
+            // A slot with no record is left over from a state directory that
+            // was lost: its bits mean nothing without the record.
+            Err(TrackerError::AlreadyTracked { .. }) => {
+                self.tracker.remove(device.dev)?;
+                self.tracker.add(&spec)?
+            }
+            other => other?,
+        };
+        // Writes submitted just before the slot existed are not in the
+        // in-flight table; they are safe once the disk has none in flight.
+        let quiet = wait_for_quiet(&device);
+        let rec = DeviceRecord {
+            path: device.path.clone(),
+            dev: device.dev.to_string(),
+            disk: device.disk.to_string(),
+            start_sector: device.start_sector,
+            nr_sectors: device.nr_sectors,
+            chunk_size: chunk.bytes(),
+            epoch,
+            needs_resync: (!quiet).then(|| "writes in flight when tracking began".to_owned()),
+            overflows_seen: 0,
+            draining: false,
+            added_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let saved = self
+            .store
+            .save_pending(device.dev, &RoaringBitmap::new())
+            .and_then(|()| self.store.save_record(device.dev, &rec));
+        if let Err(e) = saved {
+            // Leave no half-added device behind.
+            let _ = self.tracker.remove(device.dev);
+            let _ = self.store.delete(device.dev);
+            return Err(e.into());
+        }
+        self.report(&rec)
+    }
+
+    /// Stops tracking `path` and forgets its pending set.
+    pub fn remove(&mut self, path: &Path) -> Result<(), TrackError> {
+        let rec = self.find(path)?;
+        let dev = dev_of(&rec);
+        match self.tracker.remove(dev) {
+            Ok(()) | Err(TrackerError::NotTracked { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.store.delete(dev)?;
+        Ok(())
+    }
+
+    pub fn list(&mut self) -> Result<Vec<DeviceReport>, TrackError> {
+        let mut out = Vec::new();
+        for rec in self.store.records()? {
+            out.push(self.report(&rec)?);
+        }
+        Ok(out)
+    }
+
+    /// The dirty set (persisted and kernel), left in place.
+    pub fn dirty(&mut self, path: &Path) -> Result<DirtyReport, TrackError> {
+        let mut rec = self.find(path)?;
+        let state = self.reconcile(&mut rec)?;
+        let dev = dev_of(&rec);
+        let mut set = self.store.pending(dev)?;
+        if let Ok(kernel) = self.tracker.peek(dev) {
+            set |= kernel;
+        }
+        Ok(dirty_report(&rec, &set, &state))
+    }
+
+    /// The dirty set, then cleared.
+    pub fn drain(&mut self, path: &Path) -> Result<DirtyReport, TrackError> {
+        let mut rec = self.find(path)?;
+        let state = self.reconcile(&mut rec)?;
+        let dev = dev_of(&rec);
+        let mut set = self.store.pending(dev)?;
+        let kernel = match state {
+            State::NeedsResync(_) if self.tracker.peek(dev).is_err() => RoaringBitmap::new(),
+            _ => {
+                rec.draining = true;
+                self.store.save_record(dev, &rec)?;
+                self.tracker.drain(dev)?
+            }
+        };
+        set |= &kernel;
+        if let Err(e) = self.store.save_pending(dev, &set) {
+            self.tracker.reclaim(dev, &kernel)?;
+            rec.draining = false;
+            let _ = self.store.save_record(dev, &rec);
+            return Err(e.into());
+        }
+        if rec.draining {
+            rec.draining = false;
+            self.store.save_record(dev, &rec)?;
+        }
+        let report = dirty_report(&rec, &set, &state);
+        self.store.save_pending(dev, &RoaringBitmap::new())?;
+        Ok(report)
+    }
+
+    fn find(&self, path: &Path) -> Result<DeviceRecord, TrackError> {
+        let not_tracked = || TrackError::NotTracked {
+            path: path.to_owned(),
+        };
+        match BlockDevice::resolve(path) {
+            Ok(device) => self.store.record(device.dev)?.ok_or_else(not_tracked),
+            // The device may be gone (a detached loop device): find it by
+            // the path it was added under, so it can still be removed.
+            Err(DeviceError::NotFound { .. }) => self
+                .store
+                .records()?
+                .into_iter()
+                .find(|r| r.path == path)
+                .ok_or_else(not_tracked),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Checks that the device's bits can still be trusted; records why not
+    /// otherwise, and re-arms tracking where the kernel lost it.
+    fn reconcile(&mut self, rec: &mut DeviceRecord) -> Result<State, TrackError> {
+        let dev = dev_of(rec);
+        let epoch = self.tracker.epoch()?;
+        let slot = self.tracker.list()?.into_iter().find(|s| s.dev == dev);
+        let mut reason = rec.needs_resync.clone();
+        if rec.draining {
+            reason.get_or_insert_with(|| "interrupted-drain".to_owned());
+            rec.draining = false;
+        }
+        let lost = !epoch.as_ref().is_some_and(|e| e.same_load(&rec.epoch)) || slot.is_none();
+        if lost {
+            reason.get_or_insert_with(|| "tracking-lost".to_owned());
+        }
+        if let Some(slot) = &slot {
+            if !lost && slot.counters.overflows > rec.overflows_seen {
+                let n = slot.counters.overflows - rec.overflows_seen;
+                reason.get_or_insert_with(|| format!("overflow ({n} marks could not be recorded)"));
+                rec.overflows_seen = slot.counters.overflows;
+            }
+        }
+        if lost {
+            self.rearm(rec)?;
+        }
+        if reason != rec.needs_resync || lost {
+            rec.needs_resync = reason;
+            self.store.save_record(dev, rec)?;
+        }
+        Ok(rec
+            .needs_resync
+            .clone()
+            .map_or(State::Tracking, State::NeedsResync))
+    }
+
+    /// Tracks a device again after the kernel lost it (its bits are gone;
+    /// the caller has already marked it `needs-resync`).
+    fn rearm(&mut self, rec: &mut DeviceRecord) -> Result<(), TrackError> {
+        let dev = dev_of(rec);
+        let Ok(device) = BlockDevice::resolve(&rec.path) else {
+            return Ok(()); // gone: nothing to track until it comes back
+        };
+        if device.dev != dev || device.nr_sectors != rec.nr_sectors {
+            return Ok(()); // the path now names another device
+        }
+        let chunk = ChunkSize::from_bytes(rec.chunk_size).unwrap_or(ChunkSize::DEFAULT);
+        let _ = self.tracker.remove(dev);
+        rec.epoch = self.tracker.add(&TrackSpec { device, chunk })?;
+        rec.overflows_seen = 0;
+        Ok(())
+    }
+
+    fn report(&mut self, rec: &DeviceRecord) -> Result<DeviceReport, TrackError> {
+        let mut rec = rec.clone();
+        let state = self.reconcile(&mut rec)?;
+        let dev = dev_of(&rec);
+        let slot = self.tracker.list()?.into_iter().find(|s| s.dev == dev);
+        let mut set = self.store.pending(dev)?;
+        if slot.is_some() {
+            set |= self.tracker.peek(dev)?;
+        }
+        let size = rec.nr_sectors * 512;
+        let dirty_bytes = extents::total_bytes(&extents(&set, rec.chunk_size, size, u64::MAX));
+        Ok(DeviceReport {
+            device: rec.path.clone(),
+            dev: rec.dev.clone(),
+            size,
+            chunk_size: rec.chunk_size,
+            dirty_chunks: set.len(),
+            dirty_bytes,
+            state: state.name(),
+            reason: state.reason().map(str::to_owned),
+            counters: slot.as_ref().map(|s| s.counters).unwrap_or_default(),
+            bitmap_bytes: slot.as_ref().map_or(0, |s| s.bitmap_bytes),
+            epoch: rec.epoch.clone(),
+        })
+    }
+}
+
+fn dev_of(rec: &DeviceRecord) -> DevNum {
+    let (major, minor) = rec.dev.split_once(':').unwrap_or(("0", "0"));
+    DevNum {
+        major: major.parse().unwrap_or(0),
+        minor: minor.parse().unwrap_or(0),
+    }
+}
+
+fn dirty_report(rec: &DeviceRecord, set: &RoaringBitmap, state: &State) -> DirtyReport {
+    let ext = extents(set, rec.chunk_size, rec.nr_sectors * 512, u64::MAX);
+    DirtyReport {
+        device: rec.path.clone(),
+        chunk_size: rec.chunk_size,
+        dirty_bytes: extents::total_bytes(&ext),
+        extents: ext.iter().map(|e| [e.offset, e.len]).collect(),
+        state: state.name(),
+        reason: state.reason().map(str::to_owned),
+    }
+}
+
+fn wait_for_quiet(device: &BlockDevice) -> bool {
+    let deadline = Instant::now() + QUIESCE_WAIT;
+    loop {
+        match device.writes_in_flight() {
+            Some(0) | None => return true,
+            Some(_) if Instant::now() >= deadline => return false,
+            Some(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
