@@ -80,6 +80,8 @@ pub struct BlockDevice {
     pub nr_sectors: u64,
     /// Zone size in sectors for zoned disks, 0 otherwise.
     pub zone_sectors: u32,
+    /// The disk is blk-mq (request-based), as opposed to bio-based.
+    pub request_based: bool,
 }
 
 impl BlockDevice {
@@ -140,7 +142,9 @@ impl BlockDevice {
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(0)
         };
+        let request_based = diskdir.join("mq").exists();
         Ok(Self {
+            request_based,
             path: canon,
             dev,
             disk,

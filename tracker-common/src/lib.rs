@@ -74,8 +74,17 @@ pub struct DiskEntry {
     /// Zone size in sectors for zoned disks, 0 otherwise. A zone append lands
     /// somewhere in its zone, so the whole zone is marked.
     pub zone_sectors: u32,
+    /// [`DISK_RQ_BASED`] and friends.
+    pub flags: u32,
+    pub _pad: u32,
     pub slots: [SlotRef; MAX_SLOTS_PER_DISK],
 }
+
+/// The disk is request-based (blk-mq): its completions are traced by
+/// `block_rq_complete` with the request's range, not by `block_bio_complete`
+/// (the block layer clears the bio's trace flag first), so its bios need no
+/// in-flight entry.
+pub const DISK_RQ_BASED: u32 = 1;
 
 /// What the completion hook needs to know about a queued write bio.
 #[repr(C)]
@@ -136,6 +145,14 @@ pub struct KernelLayout {
     pub disk_first_minor: u32,
     /// `REQ_OP_ZONE_APPEND`.
     pub op_zone_append: u32,
+    /// `offsetof(struct request, q)`.
+    pub rq_q: u32,
+    /// `offsetof(struct request, __sector)`.
+    pub rq_sector: u32,
+    /// `offsetof(struct request, cmd_flags)`.
+    pub rq_cmd_flags: u32,
+    /// `offsetof(struct request_queue, disk)`.
+    pub queue_disk: u32,
     /// Bit `n` set when `REQ_OP` value `n` changes data (write, write-zeroes,
     /// discard, secure-erase, zone-append).
     pub write_ops: u64,

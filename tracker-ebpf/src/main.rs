@@ -1,11 +1,15 @@
 //! ferry's write tracker: marks every data-changing bio of a tracked block
 //! device in that device's dirty bitmap.
 //!
-//! Two BTF tracepoints:
-//! - `block_bio_queue` marks the bio's range at submission and remembers the
-//!   range in `INFLIGHT`, keyed by the bio pointer;
-//! - `block_bio_complete` marks the remembered range again once the data has
-//!   landed, and forgets it.
+//! Three BTF tracepoints:
+//! - `block_bio_queue` marks the bio's range at submission; on bio-based disks
+//!   it also remembers the range in `INFLIGHT`, keyed by the bio pointer;
+//! - `block_rq_complete` marks a request's completed range again once the data
+//!   has landed (request-based disks: the block layer traces their completions
+//!   here and clears the bio's trace flag, so `block_bio_complete` never fires);
+//! - `block_bio_complete` does the same for bio-based disks from the range
+//!   remembered in `INFLIGHT` (a bio's iterator is consumed by completion), and
+//!   forgets it.
 //!
 //! The second mark is what makes drains lossless: if the daemon takes and
 //! clears a bit while the write is still in flight, it may read the old data,
@@ -34,7 +38,7 @@ use aya_ebpf::{
 };
 use tracker_common::{
     chunk_span, is_write_class, kernel_dev, word_mask, DiskEntry, Inflight, KernelLayout, SlotRef,
-    SlotStats, WideRecord, BITMAP_MAP_FLAGS, INFLIGHT_MAX, MAX_DISKS, MAX_SLOTS,
+    SlotStats, WideRecord, BITMAP_MAP_FLAGS, DISK_RQ_BASED, INFLIGHT_MAX, MAX_DISKS, MAX_SLOTS,
     MAX_SLOTS_PER_DISK, MAX_WORDS_PER_MARK, REQ_OP_MASK, SECTOR_SHIFT, WIDE_RING_BYTES,
 };
 
@@ -49,6 +53,10 @@ static LAYOUT: KernelLayout = KernelLayout {
     disk_major: 0,
     disk_first_minor: 0,
     op_zone_append: 0,
+    rq_q: 0,
+    rq_sector: 0,
+    rq_cmd_flags: 0,
+    queue_disk: 0,
     write_ops: 0,
 };
 
@@ -170,7 +178,7 @@ fn on_queue(bio: *const u8) -> Option<()> {
         nr_sectors = zone;
     }
     let mut lost = false;
-    if write {
+    if write && entry.flags & DISK_RQ_BASED == 0 {
         let rec = Inflight {
             sector,
             nr_sectors,
@@ -194,6 +202,47 @@ fn on_queue(bio: *const u8) -> Option<()> {
             if lost {
                 bump(slot.slot, |s| &mut s.overflows);
             }
+        }
+    }
+    Some(())
+}
+
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn rq_complete(ctx: BtfTracePointContext) -> u32 {
+    let rq: *const u8 = ctx.arg(0);
+    let nr_bytes: u32 = ctx.arg(2);
+    on_rq_complete(rq, nr_bytes);
+    0
+}
+
+#[inline(always)]
+fn on_rq_complete(rq: *const u8, nr_bytes: u32) -> Option<()> {
+    let l = layout();
+    let q: *const u8 = read(rq, l.rq_q)?;
+    let disk: *const u8 = read(q, l.queue_disk)?;
+    let major: i32 = read(disk, l.disk_major)?;
+    let minor: i32 = read(disk, l.disk_first_minor)?;
+    // SAFETY: as in `tracked_disk`.
+    let entry = unsafe { DISKS.get(kernel_dev(major as u32, minor as u32)) }?;
+    let opf: u32 = read(rq, l.rq_cmd_flags)?;
+    if !is_write_class(l.write_ops, opf) {
+        return Some(());
+    }
+    let mut sector: u64 = read(rq, l.rq_sector)?;
+    let mut nr_sectors = u64::from(nr_bytes >> SECTOR_SHIFT);
+    if opf & REQ_OP_MASK == l.op_zone_append && entry.zone_sectors != 0 {
+        let zone = u64::from(entry.zone_sectors);
+        sector -= sector % zone;
+        nr_sectors = zone;
+    }
+    for i in 0..MAX_SLOTS_PER_DISK {
+        if i as u32 >= entry.count {
+            break;
+        }
+        let slot = &entry.slots[i];
+        if let Some((first, last)) = chunk_span(slot, sector, nr_sectors) {
+            bump(slot.slot, |s| &mut s.completions);
+            mark(slot, first, last);
         }
     }
     Some(())

@@ -256,6 +256,10 @@ impl Btf {
             disk_major: self.member_offset("gendisk", "major")?,
             disk_first_minor: self.member_offset("gendisk", "first_minor")?,
             op_zone_append: self.enum_value("REQ_OP_ZONE_APPEND")? as u32,
+            rq_q: self.member_offset("request", "q")?,
+            rq_sector: self.member_offset("request", "__sector")?,
+            rq_cmd_flags: self.member_offset("request", "cmd_flags")?,
+            queue_disk: self.member_offset("request_queue", "disk")?,
             write_ops,
         })
     }

@@ -5,8 +5,8 @@
 //!
 //! | pin | what |
 //! |---|---|
-//! | `prog_bio_queue`, `prog_bio_complete` | the programs |
-//! | `link_bio_queue`, `link_bio_complete` | their tracepoint links |
+//! | `prog_bio_queue`, `prog_bio_complete`, `prog_rq_complete` | the programs |
+//! | `link_bio_queue`, `link_bio_complete`, `link_rq_complete` | their tracepoint links |
 //! | `DISKS`, `BITMAPS`, `INFLIGHT`, `STATS`, `WIDE` | the maps |
 //!
 //! Because links and maps are pinned, tracking goes on while no ferry process
@@ -44,9 +44,10 @@ pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/ferry";
 static TRACKER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracker"));
 
 /// (program name in the object, tracepoint).
-const PROGRAMS: [(&str, &str); 2] = [
+const PROGRAMS: [(&str, &str); 3] = [
     ("bio_queue", "block_bio_queue"),
     ("bio_complete", "block_bio_complete"),
+    ("rq_complete", "block_rq_complete"),
 ];
 const MAPS: [&str; 5] = ["DISKS", "BITMAPS", "INFLIGHT", "STATS", "WIDE"];
 
@@ -172,7 +173,14 @@ impl LinuxTracker {
             let path = path.display().to_string();
             move |source| TrackerError::Pin { path, op, source }
         };
-        std::fs::create_dir(&staging).map_err(pin_err(&staging, "create directory"))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            // Root-only: the pins give access to every bitmap.
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&staging)
+                .map_err(pin_err(&staging, "create directory"))?;
+        }
         let result = (|| {
             for name in MAPS {
                 let map = ebpf.map_mut(name).ok_or_else(|| TrackerError::Map {
@@ -431,6 +439,9 @@ impl Tracker for LinuxTracker {
         };
         entry.count += 1;
         entry.zone_sectors = spec.device.zone_sectors;
+        if spec.device.request_based {
+            entry.flags |= tracker_common::DISK_RQ_BASED;
+        }
         loaded
             .disks
             .insert(disk, entry, 0)

@@ -1,0 +1,1 @@
+//! Holds only benchmarks (see `benches/`); this library is intentionally empty.
