@@ -217,8 +217,7 @@ fn restart_keeps_the_bits() {
     // A new process finds the same program and every bit.
     assert_eq!(f.extents(dev.arg()), vec![(7 * K64, K64), (9 * K64, K64)]);
     assert_eq!(program(), Some(id));
-    // A drained set that was not shipped survives as the persisted set, and
-    // new kernel bits are merged with it.
+    // Nothing about the hand-over between processes looks like lost tracking.
     let state = f.json(&["track", "dirty", dev.arg()]);
     assert_eq!(state["state"], "tracking");
 }
