@@ -3,6 +3,7 @@
 
 pub mod blk;
 pub mod bpf;
+pub mod fs;
 pub mod mmap;
 
 use std::io;
