@@ -6,10 +6,14 @@
 //! - [`dirty`]: drains become persisted roaring sets of chunks, then extents;
 //! - [`track`]: the user-facing operations over both, with their invariants;
 //! - [`device`]: what a block device is and where it sits on its disk;
+//! - [`protocol`]: the frames between source and target;
+//! - [`hash`]: block hashes for checksum resync and frame content;
 //! - [`sys`]: the only code that calls libc.
 
 pub mod device;
 pub mod dirty;
+pub mod hash;
+pub mod protocol;
 pub mod sys;
 pub mod track;
 pub mod tracker;
