@@ -7,9 +7,11 @@
 //! - [`track`]: the user-facing operations over both, with their invariants;
 //! - [`device`]: what a block device is and where it sits on its disk;
 //! - [`protocol`]: the frames between source and target;
+//! - [`agent`]: the target side, applying frames to a standby image;
 //! - [`hash`]: block hashes for checksum resync and frame content;
 //! - [`sys`]: the only code that calls libc.
 
+pub mod agent;
 pub mod device;
 pub mod dirty;
 pub mod hash;

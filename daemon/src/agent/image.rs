@@ -1,0 +1,303 @@
+//! The standby image a session writes, opened beneath the agent's root and
+//! locked for the life of the session.
+//!
+//! Confinement (invariant 5): the image's directory is opened with `openat2`
+//! `RESOLVE_BENEATH` relative to the root, and the image and its commit
+//! record with single names relative to that directory, so neither `..`, an
+//! absolute path nor a symlink can lead a write outside the root. Parent
+//! directories are never created.
+
+use std::{
+    fs::File,
+    io,
+    os::{
+        fd::{AsFd, BorrowedFd, OwnedFd},
+        unix::fs::FileExt,
+    },
+    path::{Component, Path},
+};
+
+use super::{record, AgentError};
+use crate::{
+    protocol::ErrorCode,
+    sys::fs::{self as sysfs, Open},
+};
+
+/// Zero buffer for filesystems that cannot punch holes.
+const ZERO_CHUNK: usize = 1 << 20;
+
+pub(super) struct Image {
+    /// The path the source named, relative to the root, for messages.
+    pub name: String,
+    /// The directory holding the image and its commit record.
+    dir: OwnedFd,
+    /// The image's name within `dir`.
+    file_name: String,
+    pub file: File,
+    /// This session created the file.
+    pub created: bool,
+}
+
+impl Image {
+    /// Opens, or creates empty, the image `name` beneath `root` and takes its
+    /// lock. Nothing outside `root` is touched; a refused name creates nothing.
+    pub fn open(root: &Path, name: &str) -> Result<Self, AgentError> {
+        let (parent, file_name) = split_name(name)?;
+        let root_fd = sysfs::open_dir(root).map_err(|e| {
+            AgentError::refused_by(
+                ErrorCode::Io,
+                format!("target root {}: open failed", root.display()),
+                e,
+            )
+        })?;
+        let escape = || {
+            AgentError::refused(
+                ErrorCode::PathEscape,
+                format!("image {name:?} leads outside the target root"),
+            )
+        };
+        let dir = match parent {
+            None => root_fd,
+            Some(parent) => {
+                let dir =
+                    sysfs::open_beneath(root_fd.as_fd(), parent, Open::DirPath).map_err(|e| {
+                        if sysfs::is_escape(&e) {
+                            escape()
+                        } else {
+                            AgentError::refused_by(
+                                ErrorCode::Io,
+                                format!("{}: open directory failed", parent.display()),
+                                e,
+                            )
+                        }
+                    })?;
+                OwnedFd::from(dir)
+            }
+        };
+        let open_err = |e: io::Error, op: &str| {
+            if sysfs::is_escape(&e) {
+                escape()
+            } else {
+                let code = if sysfs::is_no_space(&e) {
+                    ErrorCode::DiskFull
+                } else {
+                    ErrorCode::Io
+                };
+                AgentError::refused_by(code, format!("{name}: {op} failed"), e)
+            }
+        };
+
+        let path = Path::new(file_name);
+        let mut created = false;
+        let file = match sysfs::open_beneath(dir.as_fd(), path, Open::ReadWrite) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match sysfs::open_beneath(dir.as_fd(), path, Open::CreateNew { mode: 0o600 }) {
+                    Ok(f) => {
+                        created = true;
+                        f
+                    }
+                    // Created by someone else in between (or a dangling
+                    // symlink): open what is there, which must stay inside.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        sysfs::open_beneath(dir.as_fd(), path, Open::ReadWrite)
+                            .map_err(|e| open_err(e, "open"))?
+                    }
+                    Err(e) => return Err(open_err(e, "create")),
+                }
+            }
+            Err(e) => return Err(open_err(e, "open")),
+        };
+        let meta = file.metadata().map_err(|e| open_err(e, "stat"))?;
+        if !meta.is_file() {
+            return Err(AgentError::refused(
+                ErrorCode::Io,
+                format!("{name}: not a regular file"),
+            ));
+        }
+        if !sysfs::try_lock_exclusive(&file).map_err(|e| open_err(e, "lock"))? {
+            return Err(AgentError::refused(
+                ErrorCode::Busy,
+                format!("{name} is in use by another ferry session"),
+            ));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            dir,
+            file_name: file_name.to_owned(),
+            file,
+            created,
+        })
+    }
+
+    /// Removes an image this session created, when the session is refused
+    /// before writing anything, so a refusal leaves no trace.
+    pub fn discard_created(self) {
+        if self.created {
+            if let Err(e) = sysfs::unlink_in(self.dir.as_fd(), &self.file_name) {
+                tracing::warn!(image = %self.name, "removing the image created for a refused session failed: {e}");
+            }
+        }
+    }
+
+    pub fn len(&self) -> Result<u64, AgentError> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| self.io_err("stat", e))
+    }
+
+    pub fn read_record(&self) -> Result<Option<record::CommitRecord>, AgentError> {
+        record::read(self.dir(), &self.file_name, &self.name)
+    }
+
+    pub fn write_record(&self, rec: &record::CommitRecord) -> Result<(), AgentError> {
+        record::write(self.dir(), &self.file_name, &self.name, rec)
+    }
+
+    pub fn set_len(&self, len: u64) -> Result<(), AgentError> {
+        self.file
+            .set_len(len)
+            .map_err(|e| self.io_err(&format!("extend to {len} bytes"), e))
+    }
+
+    pub fn write_at(&self, bytes: &[u8], offset: u64) -> Result<(), AgentError> {
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(|e| self.write_err(offset, bytes.len() as u64, e))
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros, deallocating it where the
+    /// filesystem can.
+    pub fn zero(&self, offset: u64, len: u64) -> Result<(), AgentError> {
+        if len == 0 {
+            return Ok(());
+        }
+        match sysfs::punch_hole(&self.file, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if sysfs::is_unsupported(&e) => {}
+            Err(e) => return Err(self.write_err(offset, len, e)),
+        }
+        let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// fsync: after this, everything written so far survives a crash.
+    pub fn sync(&self) -> Result<(), AgentError> {
+        self.file.sync_all().map_err(|e| {
+            if sysfs::is_no_space(&e) {
+                AgentError::refused_by(
+                    ErrorCode::DiskFull,
+                    format!("{}: no space left while syncing", self.name),
+                    e,
+                )
+            } else {
+                self.io_err("fsync", e)
+            }
+        })
+    }
+
+    fn dir(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+
+    fn write_err(&self, offset: u64, len: u64, e: io::Error) -> AgentError {
+        if sysfs::is_no_space(&e) {
+            AgentError::refused_by(
+                ErrorCode::DiskFull,
+                format!("{}: no space left at offset {offset}", self.name),
+                e,
+            )
+        } else {
+            self.io_err(&format!("write of {len} bytes at offset {offset}"), e)
+        }
+    }
+
+    pub fn io_err(&self, op: &str, e: io::Error) -> AgentError {
+        AgentError::refused_by(ErrorCode::Io, format!("{}: {op} failed", self.name), e)
+    }
+}
+
+/// Splits an image path into its parent directory (if any) and file name,
+/// refusing names that cannot be a file beneath the root.
+fn split_name(name: &str) -> Result<(Option<&Path>, &str), AgentError> {
+    let malformed = |why: &str| {
+        Err(AgentError::refused(
+            ErrorCode::Malformed,
+            format!("image name {name:?} {why}"),
+        ))
+    };
+    if name.is_empty() {
+        return malformed("is empty");
+    }
+    if name.contains('\0') {
+        return malformed("contains a NUL byte");
+    }
+    let path = Path::new(name);
+    for c in path.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) | Component::ParentDir => {
+                return Err(AgentError::refused(
+                    ErrorCode::PathEscape,
+                    format!("image {name:?} leads outside the target root (absolute or with ..)"),
+                ))
+            }
+        }
+    }
+    if name.ends_with('/') || name.ends_with("/.") || name == "." {
+        return malformed("is not a file name");
+    }
+    let file_name = name.rsplit('/').next().unwrap_or(name);
+    if file_name.ends_with(".ferry.json") || file_name.ends_with(".ferry.json.tmp") {
+        return malformed("is reserved for commit records");
+    }
+    let parent = name[..name.len() - file_name.len()].trim_end_matches('/');
+    Ok(((!parent.is_empty()).then(|| Path::new(parent)), file_name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(r: Result<(Option<&Path>, &str), AgentError>) -> Option<ErrorCode> {
+        r.err().and_then(|e| e.code())
+    }
+
+    #[test]
+    fn names_split_into_directory_and_file() {
+        assert_eq!(split_name("disk.raw").unwrap(), (None, "disk.raw"));
+        assert_eq!(
+            split_name("vm/a/disk.raw").unwrap(),
+            (Some(Path::new("vm/a")), "disk.raw")
+        );
+        assert_eq!(
+            split_name("./disk.raw").unwrap(),
+            (Some(Path::new(".")), "disk.raw")
+        );
+    }
+
+    #[test]
+    fn names_that_cannot_be_a_file_beneath_the_root_are_refused() {
+        for bad in ["../x", "/abs", "a/../../x", "a/.."] {
+            assert_eq!(code(split_name(bad)), Some(ErrorCode::PathEscape), "{bad}");
+        }
+        for bad in [
+            "",
+            ".",
+            "dir/",
+            "dir/.",
+            "x.ferry.json",
+            "x.ferry.json.tmp",
+            "a\0b",
+        ] {
+            assert_eq!(code(split_name(bad)), Some(ErrorCode::Malformed), "{bad:?}");
+        }
+    }
+}

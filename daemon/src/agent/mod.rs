@@ -1,0 +1,493 @@
+//! The target agent: applies one source's frames to a standby image beneath
+//! a root directory and acknowledges commits once they are durable.
+//!
+//! It runs as `ferry agent` at the end of an SSH exec channel, and in-process
+//! over pipes for `file://` targets; [`serve`] is the same in both. The
+//! protocol and the session's state machine are in [`crate::protocol`].
+//!
+//! Invariants:
+//! - nothing is written outside the root (see [`image`]);
+//! - an image belongs to one source: its commit record names it, and another
+//!   source is refused unless it asks to take the image over. A session that
+//!   finds no record claims the image at once (a record of generation 0), so
+//!   two sources cannot interleave even before the first commit;
+//! - an `Ack` is sent only after the image is fsynced and the commit record
+//!   durably replaced: the record is the only statement that data is durable;
+//! - nothing from a bad frame is written, and after any `Error` nothing more
+//!   is applied: the agent reads and discards until the source closes its end
+//!   (so a source still writing never blocks on a full pipe), and returns
+//!   `Err`. A source must therefore close its side once it sees an `Error`.
+
+mod image;
+mod record;
+
+use std::{
+    io::{self, Read, Write},
+    path::Path,
+};
+
+pub use record::{commit_record_name, CommitRecord};
+
+use self::image::Image;
+use crate::{
+    hash,
+    protocol::{
+        read_message, write_message, Codec, Data, ErrorCode, Hello, Message, ProtocolError,
+        Welcome, MAX_HASHES, MAX_PAYLOAD, VERSION,
+    },
+};
+
+/// Longest message text put in an `Error` frame.
+const MAX_ERROR_TEXT: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent refused or stopped the session and told the source why with
+    /// an `Error {code, message}`.
+    #[error("{message}")]
+    Refused {
+        code: ErrorCode,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+    /// The source sent an `Error` and gave up.
+    #[error("the source stopped the session: {code}: {message}")]
+    Source { code: ErrorCode, message: String },
+    #[error("the source closed the session without a Hello")]
+    NoHello,
+    #[error("sending a reply to the source failed")]
+    Reply {
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl AgentError {
+    fn refused(code: ErrorCode, message: String) -> Self {
+        Self::Refused {
+            code,
+            message,
+            source: None,
+        }
+    }
+
+    fn refused_by(
+        code: ErrorCode,
+        message: String,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Refused {
+            code,
+            message,
+            source: Some(source.into()),
+        }
+    }
+
+    /// The code sent to (or received from) the source, if any.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } | Self::Source { code, .. } => Some(*code),
+            Self::NoHello | Self::Reply { .. } => None,
+        }
+    }
+
+    /// The text for the source: the message and its cause on one line, since
+    /// the source cannot see our error chain.
+    fn wire_text(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(": ");
+            text.push_str(&c.to_string());
+            cause = c.source();
+        }
+        if text.len() > MAX_ERROR_TEXT {
+            let mut end = MAX_ERROR_TEXT;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        text
+    }
+}
+
+/// What a session did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionSummary {
+    /// Commits acknowledged.
+    pub commits: u64,
+    /// Bytes applied (data and zero), committed or not.
+    pub bytes_written: u64,
+}
+
+/// Serves one session: reads frames from `input`, writes replies to `output`,
+/// applies them to the image under `root`.
+///
+/// Returns when the source closes `input` at a frame boundary. On any error
+/// the source is sent an `Error` frame, `input` is read to its end, and the
+/// error is returned.
+pub fn serve<R: Read, W: Write>(
+    root: &Path,
+    mut input: R,
+    mut output: W,
+) -> Result<SessionSummary, AgentError> {
+    let err = match run(root, &mut input, &mut output) {
+        Ok(summary) => return Ok(summary),
+        Err(err) => err,
+    };
+    if let AgentError::Refused { code, .. } = &err {
+        tracing::warn!("refusing the session: {}", err.wire_text());
+        let reply = Message::Error {
+            code: *code,
+            message: err.wire_text(),
+        };
+        if let Err(e) = write_message(&mut output, &reply).and_then(|()| output.flush()) {
+            tracing::debug!("sending the error to the source failed: {e}");
+        }
+    }
+    // Frame boundaries may be lost, so discard bytes, not frames.
+    if let Err(e) = io::copy(&mut input, &mut io::sink()) {
+        tracing::debug!("draining the source after an error failed: {e}");
+    }
+    Err(err)
+}
+
+fn run<R: Read, W: Write>(
+    root: &Path,
+    input: &mut R,
+    output: &mut W,
+) -> Result<SessionSummary, AgentError> {
+    let hello = match read_message(input).map_err(frame_error)? {
+        Some(Message::Hello(hello)) => hello,
+        Some(other) => {
+            return Err(AgentError::refused(
+                ErrorCode::Malformed,
+                format!("expected Hello, got {:?}", other.kind()),
+            ))
+        }
+        None => return Err(AgentError::NoHello),
+    };
+    if hello.version != VERSION {
+        return Err(version_mismatch(hello.version));
+    }
+    let (mut session, welcome) = Session::open(root, &hello)?;
+    tracing::info!(
+        image = %hello.image,
+        generation = welcome.generation,
+        created = welcome.created,
+        "session accepted"
+    );
+    send(output, &Message::Welcome(welcome))?;
+    while let Some(msg) = read_message(input).map_err(frame_error)? {
+        if let Some(reply) = session.apply(msg)? {
+            send(output, &reply)?;
+        }
+    }
+    Ok(session.summary)
+}
+
+fn send<W: Write>(output: &mut W, msg: &Message) -> Result<(), AgentError> {
+    write_message(output, msg)
+        .and_then(|()| output.flush())
+        .map_err(|source| AgentError::Reply { source })
+}
+
+fn version_mismatch(found: u16) -> AgentError {
+    AgentError::refused(
+        ErrorCode::Version,
+        format!("agent speaks protocol {VERSION}, source speaks {found}"),
+    )
+}
+
+fn frame_error(e: ProtocolError) -> AgentError {
+    let code = match &e {
+        ProtocolError::Version { found } => return version_mismatch(*found),
+        ProtocolError::Checksum { .. } => ErrorCode::Checksum,
+        ProtocolError::Io { .. } => ErrorCode::Io,
+        ProtocolError::BadMagic { .. }
+        | ProtocolError::UnknownKind { .. }
+        | ProtocolError::TooLarge { .. }
+        | ProtocolError::Malformed { .. }
+        | ProtocolError::Truncated => ErrorCode::Malformed,
+    };
+    AgentError::refused_by(code, "bad frame from the source".to_owned(), e)
+}
+
+/// An accepted session: the locked image and what is owed to the next Ack.
+struct Session {
+    image: Image,
+    source_id: [u8; 16],
+    device_size: u64,
+    chunk_size: u32,
+    /// Last committed generation.
+    generation: u64,
+    bytes_since_commit: u64,
+    summary: SessionSummary,
+    threads: usize,
+    scratch: Vec<u8>,
+    zstd: Option<zstd::bulk::Decompressor<'static>>,
+}
+
+impl Session {
+    /// Checks a Hello against the image and its record, claiming the image
+    /// for the source when needed. A refused Hello changes nothing.
+    fn open(root: &Path, hello: &Hello) -> Result<(Self, Welcome), AgentError> {
+        if !hello.chunk_size.is_power_of_two() {
+            return Err(AgentError::refused(
+                ErrorCode::Malformed,
+                format!("chunk size {} is not a power of two", hello.chunk_size),
+            ));
+        }
+        let image = Image::open(root, &hello.image)?;
+        match Self::welcome(&image, hello) {
+            Ok(welcome) => Ok((
+                Self {
+                    image,
+                    source_id: hello.source_id,
+                    device_size: hello.device_size,
+                    chunk_size: hello.chunk_size,
+                    generation: welcome.generation,
+                    bytes_since_commit: 0,
+                    summary: SessionSummary::default(),
+                    threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    scratch: Vec::new(),
+                    zstd: None,
+                },
+                welcome,
+            )),
+            Err(e) => {
+                image.discard_created();
+                Err(e)
+            }
+        }
+    }
+
+    fn welcome(image: &Image, hello: &Hello) -> Result<Welcome, AgentError> {
+        // Taking over an image: its record is treated as absent.
+        let found = if hello.force_new_source {
+            None
+        } else {
+            image.read_record()?
+        };
+        if let Some(rec) = &found {
+            if rec.source_bytes() != Some(hello.source_id) {
+                return Err(AgentError::refused(
+                    ErrorCode::SourceMismatch,
+                    format!(
+                        "image {} belongs to source {}; this is source {}",
+                        image.name,
+                        rec.source_id,
+                        uuid::Uuid::from_bytes(hello.source_id).hyphenated()
+                    ),
+                ));
+            }
+        }
+        let len = image.len()?;
+        if !image.created && len < hello.device_size {
+            return Err(AgentError::refused(
+                ErrorCode::ImageTooSmall,
+                format!(
+                    "image {} is {len} bytes, smaller than the source's {} bytes",
+                    image.name, hello.device_size
+                ),
+            ));
+        }
+        // A record found next to a missing image describes data that is gone,
+        // so it is replaced too, before the new image gets its size (a crash
+        // in between then leaves an empty image that is refused as too small,
+        // never a full-size one under a stale generation).
+        let claim = found.is_none() || image.created;
+        if claim {
+            image.write_record(&CommitRecord::new(
+                hello.source_id,
+                0,
+                0,
+                hello.device_size,
+                hello.chunk_size,
+            ))?;
+        }
+        if image.created {
+            image.set_len(hello.device_size)?;
+        }
+        Ok(Welcome {
+            version: VERSION,
+            generation: match (&found, claim) {
+                (Some(rec), false) => rec.generation,
+                _ => 0,
+            },
+            source_id: found.as_ref().and_then(CommitRecord::source_bytes),
+            image_size: image.len()?,
+            created: image.created,
+        })
+    }
+
+    /// Applies one frame; returns the reply to send, if any.
+    fn apply(&mut self, msg: Message) -> Result<Option<Message>, AgentError> {
+        match msg {
+            Message::Data(d) => {
+                self.data(d)?;
+                Ok(None)
+            }
+            Message::Zero { offset, len } => {
+                self.check_range("Zero", offset, len)?;
+                self.image.zero(offset, len)?;
+                self.count(len);
+                Ok(None)
+            }
+            Message::HashRequest { offset, len, block } => self.hash(offset, len, block).map(Some),
+            Message::Commit { generation } => self.commit(generation).map(Some),
+            Message::Error { code, message } => Err(AgentError::Source { code, message }),
+            other @ (Message::Hello(_)
+            | Message::Welcome(_)
+            | Message::Ack { .. }
+            | Message::HashReply { .. }) => Err(AgentError::refused(
+                ErrorCode::Malformed,
+                format!("unexpected {:?} during a session", other.kind()),
+            )),
+        }
+    }
+
+    fn count(&mut self, len: u64) {
+        self.bytes_since_commit += len;
+        self.summary.bytes_written += len;
+    }
+
+    fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<(), AgentError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.device_size => Ok(()),
+            _ => Err(AgentError::refused(
+                ErrorCode::Malformed,
+                format!(
+                    "{what} of {len} bytes at offset {offset} is beyond the {}-byte device",
+                    self.device_size
+                ),
+            )),
+        }
+    }
+
+    fn data(&mut self, d: Data) -> Result<(), AgentError> {
+        let len = u64::from(d.raw_len);
+        self.check_range("Data", d.offset, len)?;
+        let raw: &[u8] = match d.codec {
+            Codec::Raw => &d.payload,
+            Codec::Zstd => {
+                if self.zstd.is_none() {
+                    let z = zstd::bulk::Decompressor::new().map_err(|e| {
+                        AgentError::refused_by(
+                            ErrorCode::Internal,
+                            "creating a zstd decompressor failed".to_owned(),
+                            e,
+                        )
+                    })?;
+                    self.zstd = Some(z);
+                }
+                let zstd = self.zstd.as_mut().expect("set just above");
+                // The output is capped at raw_len: a payload that decodes to
+                // more fails instead of growing the buffer.
+                self.scratch.resize(d.raw_len as usize, 0);
+                let n = zstd
+                    .decompress_to_buffer(&d.payload, &mut self.scratch[..])
+                    .map_err(|e| {
+                        AgentError::refused_by(
+                            ErrorCode::Malformed,
+                            format!(
+                                "Data at offset {} does not decode to {} bytes",
+                                d.offset, d.raw_len
+                            ),
+                            e,
+                        )
+                    })?;
+                if n != d.raw_len as usize {
+                    return Err(AgentError::refused(
+                        ErrorCode::Malformed,
+                        format!(
+                            "Data at offset {} decodes to {n} bytes, not {}",
+                            d.offset, d.raw_len
+                        ),
+                    ));
+                }
+                &self.scratch[..n]
+            }
+        };
+        if hash::data_hash(raw) != d.data_hash {
+            return Err(AgentError::refused(
+                ErrorCode::Checksum,
+                format!(
+                    "Data of {} bytes at offset {} fails its content hash",
+                    d.raw_len, d.offset
+                ),
+            ));
+        }
+        self.image.write_at(raw, d.offset)?;
+        self.count(len);
+        Ok(())
+    }
+
+    fn hash(&self, offset: u64, len: u64, block: u32) -> Result<Message, AgentError> {
+        self.check_range("HashRequest", offset, len)?;
+        let bad = |why: &str| {
+            Err(AgentError::refused(
+                ErrorCode::Malformed,
+                format!("HashRequest (offset {offset}, len {len}, block {block}) {why}"),
+            ))
+        };
+        if block == 0 || !block.is_multiple_of(4096) || block > MAX_PAYLOAD {
+            return bad("needs a block that is a multiple of 4096, at most 16 MiB");
+        }
+        if !offset.is_multiple_of(4096) || !len.is_multiple_of(512) {
+            return bad("needs a 4096-aligned offset and a length in 512-byte units");
+        }
+        if len.div_ceil(u64::from(block)) > u64::from(MAX_HASHES) {
+            return bad("asks for more hashes than one reply carries");
+        }
+        let hashes = hash::hash_blocks(&self.image.file, offset, len, block, self.threads)
+            .map_err(|e| {
+                self.image
+                    .io_err(&format!("hashing {len} bytes at offset {offset}"), e)
+            })?;
+        Ok(Message::HashReply {
+            offset,
+            block,
+            hashes,
+        })
+    }
+
+    fn commit(&mut self, generation: u64) -> Result<Message, AgentError> {
+        if generation == 0 || generation < self.generation {
+            return Err(AgentError::refused(
+                ErrorCode::Malformed,
+                format!(
+                    "Commit of generation {generation} after generation {}",
+                    self.generation
+                ),
+            ));
+        }
+        self.image.sync()?;
+        self.image.write_record(&CommitRecord::new(
+            self.source_id,
+            generation,
+            self.bytes_since_commit,
+            self.device_size,
+            self.chunk_size,
+        ))?;
+        let ack = Message::Ack {
+            generation,
+            bytes_written: self.bytes_since_commit,
+        };
+        tracing::info!(
+            image = %self.image.name,
+            generation,
+            bytes = self.bytes_since_commit,
+            "committed"
+        );
+        self.generation = generation;
+        self.bytes_since_commit = 0;
+        self.summary.commits += 1;
+        Ok(ack)
+    }
+}
+
+#[cfg(test)]
+mod tests;
