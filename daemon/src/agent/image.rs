@@ -132,7 +132,7 @@ impl Image {
 
     /// Removes an image this session created, when the session is refused
     /// before writing anything, so a refusal leaves no trace.
-    pub fn discard_created(self) {
+    pub fn discard_created(&self) {
         if self.created {
             if let Err(e) = sysfs::unlink_in(self.dir.as_fd(), &self.file_name) {
                 tracing::warn!(image = %self.name, "removing the image created for a refused session failed: {e}");
@@ -221,6 +221,14 @@ impl Image {
 
     pub fn io_err(&self, op: &str, e: io::Error) -> AgentError {
         AgentError::refused_by(ErrorCode::Io, format!("{}: {op} failed", self.name), e)
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        if let Err(e) = sysfs::unlock(&self.file) {
+            tracing::warn!(image = %self.name, "unlocking the image failed: {e}");
+        }
     }
 }
 

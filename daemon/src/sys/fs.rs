@@ -189,6 +189,22 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Releases a `flock` on `file`'s open file description. Closing is not
+/// enough when a child forked by another thread still holds a copy of the fd
+/// on its way to `exec`: the lock would outlive the close for that moment.
+pub fn unlock(file: &File) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on a valid fd owned by `file`; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 /// Deallocates `[offset, offset + len)` of `file`, which then reads as zeros,
 /// keeping its size. Fails with `EOPNOTSUPP` where the filesystem cannot.
 pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
