@@ -284,8 +284,12 @@ impl Session {
                 ));
             }
         }
+        // An empty file holds no data, whoever made it: it is taken as new.
+        // This also covers a session that died between creating the image
+        // and giving it its size, or lost a race to create it.
         let len = image.len()?;
-        if !image.created && len < hello.device_size {
+        let fresh = image.created || len == 0;
+        if !fresh && len < hello.device_size {
             return Err(AgentError::refused(
                 ErrorCode::ImageTooSmall,
                 format!(
@@ -294,11 +298,11 @@ impl Session {
                 ),
             ));
         }
-        // A record found next to a missing image describes data that is gone,
-        // so it is replaced too, before the new image gets its size (a crash
-        // in between then leaves an empty image that is refused as too small,
-        // never a full-size one under a stale generation).
-        let claim = found.is_none() || image.created;
+        // A record found next to a new image describes data that is gone, so
+        // it is replaced too, before the image gets its size: a crash in
+        // between leaves an empty image, never a full-size one under a stale
+        // generation.
+        let claim = found.is_none() || fresh;
         if claim {
             image.write_record(&CommitRecord::new(
                 hello.source_id,
@@ -308,7 +312,7 @@ impl Session {
                 hello.chunk_size,
             ))?;
         }
-        if image.created {
+        if fresh {
             image.set_len(hello.device_size)?;
         }
         Ok(Welcome {
@@ -319,7 +323,7 @@ impl Session {
             },
             source_id: found.as_ref().and_then(CommitRecord::source_bytes),
             image_size: image.len()?,
-            created: image.created,
+            created: fresh,
         })
     }
 

@@ -456,6 +456,33 @@ fn an_image_smaller_than_the_device_is_refused_unchanged() {
 }
 
 #[test]
+fn an_empty_image_is_taken_as_new_even_under_a_stale_record() {
+    let tmp = TempRoot::new("empty");
+    let root = tmp.root();
+    session(
+        &root,
+        &[hello("disk.raw", A, MIB), Message::Commit { generation: 7 }],
+    )
+    .0
+    .unwrap();
+    // As if a session died between creating the file and sizing it.
+    fs::write(root.join("disk.raw"), b"").unwrap();
+    let (result, replies) = session(&root, &[hello("disk.raw", A, MIB)]);
+    result.unwrap();
+    assert!(matches!(
+        replies[..],
+        [Message::Welcome(Welcome {
+            generation: 0,
+            created: true,
+            image_size: MIB,
+            ..
+        })]
+    ));
+    assert_eq!(tmp.record("disk.raw").generation, 0);
+    assert_eq!(fs::metadata(root.join("disk.raw")).unwrap().len(), MIB);
+}
+
+#[test]
 fn data_failing_its_content_hash_is_refused_and_nothing_after_it_applied() {
     let tmp = TempRoot::new("hash");
     let root = tmp.root();
