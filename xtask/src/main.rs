@@ -3,8 +3,10 @@
 
 mod bench;
 mod demo;
+mod mount;
 mod rig;
 mod setup;
+mod standby;
 mod sys;
 mod test;
 mod util;
@@ -41,7 +43,8 @@ enum Task {
     /// Whole-system benchmarks
     #[command(subcommand)]
     Bench(Bench),
-    /// Show the tracker at work on a scratch loop device
+    /// Show ferry at work on a scratch disk: track it, seed a standby image,
+    /// change files, sync only what changed, verify
     Demo,
 }
 
