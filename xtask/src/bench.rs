@@ -133,24 +133,34 @@ fn fio(device: &str, runtime: u32) -> Result<f64> {
 
 /// `jobs[0].write.iops` from fio's JSON report, which may follow other lines.
 fn parse_fio_iops(stdout: &str) -> Result<f64> {
+    fio_job(stdout)?["write"]["iops"]
+        .as_f64()
+        .context("fio's JSON report has no jobs[0].write.iops")
+}
+
+/// `jobs[0]` of fio's JSON report (which may follow other lines), checked for
+/// a job error.
+pub fn fio_job(stdout: &str) -> Result<Value> {
     let start = if stdout.starts_with('{') {
         0
     } else {
         stdout.find("\n{").context("fio printed no JSON report")? + 1
     };
-    let report: Value = serde_json::Deserializer::from_str(&stdout[start..])
+    let mut report: Value = serde_json::Deserializer::from_str(&stdout[start..])
         .into_iter()
         .next()
         .context("fio printed no JSON report")?
         .context("parsing fio's JSON report failed")?;
-    let job = &report["jobs"][0];
+    let job = report
+        .get_mut("jobs")
+        .and_then(|jobs| jobs.get_mut(0))
+        .map(Value::take)
+        .context("fio's JSON report has no jobs[0]")?;
     let error = job["error"].as_i64().unwrap_or(0);
     if error != 0 {
         bail!("fio reported error {error} for its job");
     }
-    job["write"]["iops"]
-        .as_f64()
-        .context("fio's JSON report has no jobs[0].write.iops")
+    Ok(job)
 }
 
 fn program_stats(rig: &Rig) -> Result<BTreeMap<String, RunStats>> {

@@ -2,14 +2,17 @@
 //! fresh machine lacks, the CI test run, whole-system benches and a demo.
 
 mod bench;
+mod bench_sync;
 mod demo;
 mod mount;
 mod rig;
 mod setup;
+mod sshd;
 mod standby;
 mod sys;
 mod test;
 mod util;
+mod workload;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -53,6 +56,10 @@ enum Bench {
     /// fio random writes to a RAM-backed loop device, without and with
     /// tracking, and the time per BPF program run
     TrackerOverhead(bench::TrackerOverheadArgs),
+    /// Bring a standby up to date over a real sshd after 1% churn with ferry,
+    /// rsync and a full copy; and ferry after 100% churn against the physical
+    /// limit (source read, ssh throughput)
+    Sync(bench_sync::SyncArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +81,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Setup => setup::run(),
         Task::Test { cargo_test_args } => test::run(&cargo_test_args),
         Task::Bench(Bench::TrackerOverhead(args)) => bench::tracker_overhead(&args),
+        Task::Bench(Bench::Sync(args)) => bench_sync::run(&args),
         Task::Demo => demo::run(),
     }
 }

@@ -1,0 +1,659 @@
+//! `cargo xtask bench sync`: what shipping only changed blocks saves, measured
+//! side by side in one run over one real sshd on 127.0.0.1.
+//!
+//! The source is a loop device over a RAM-backed file holding an ext4
+//! filesystem about 60% full of files, half random and half text-like
+//! (compressible). ferry seeds a standby image over SSH. Then random 4 KiB
+//! O_DIRECT writes change a share of the device (1% by default) and three
+//! ways of bringing a copy up to date are timed: a ferry incremental sync;
+//! `rsync --inplace --no-whole-file` of the loop device's backing file onto
+//! a copy taken before the churn; and a full copy, `ssh 'cat > FILE'`. Then
+//! the whole device is overwritten and a ferry incremental sync is set
+//! against the physical limit: the slower of reading the source (fio,
+//! O_DIRECT) and pushing the same bytes through `ssh 'cat > /dev/null'`.
+//!
+//! Everything is timed by wall clock, connecting included. Goals are printed,
+//! not asserted; a standby or baseline copy that ends up different from the
+//! source is an error, since its time would mean nothing.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::bench::fio_job;
+use crate::mount::Mount;
+use crate::rig::Rig;
+use crate::setup;
+use crate::sshd::{Sshd, HOST};
+use crate::standby::{self, mib, SyncReport};
+use crate::sys;
+use crate::util::{self, say, shell_quote, Cmd};
+use crate::workload::{self, Rng};
+
+#[derive(clap::Args)]
+pub struct SyncArgs {
+    /// Size of the RAM-backed source disk (in /dev/shm), MiB
+    #[arg(long, value_name = "M", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
+    size_mib: u64,
+    /// Share of the device rewritten, in random 4 KiB blocks, before the
+    /// timed ferry/rsync/full-copy runs
+    #[arg(long, value_name = "PCT", default_value_t = 1.0, value_parser = parse_percent)]
+    churn_percent: f64,
+    /// ferry's tracking chunk size
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    chunk_size: String,
+    /// When a measurement or check fails, carry on with the rest and fail at
+    /// the end
+    #[arg(long)]
+    keep_going: bool,
+}
+
+const FILL_PERCENT: u64 = 60;
+const GOAL_RSYNC_RATIO: f64 = 30.0;
+const GOAL_LIMIT_RATIO: f64 = 0.80;
+/// Fixed, so that runs write the same files and the same churn.
+const SEED: u64 = 0x5eed_f322_2024_0001;
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let percent: f64 = s.trim().parse().map_err(|err| format!("{err}"))?;
+    if percent > 0.0 && percent <= 100.0 {
+        Ok(percent)
+    } else {
+        Err("must be above 0 and at most 100".to_owned())
+    }
+}
+
+pub fn run(args: &SyncArgs) -> Result<()> {
+    setup::require_root("xtask bench")?;
+    setup::run()?;
+    let ferry = util::build_release_binary("ferry", "ferry")?;
+    let bytes = args.size_mib << 20;
+    check_room(bytes)?;
+    let load_before = load_average();
+
+    // Declared in this order so they drop in reverse: sshd stops before the
+    // rig detaches the loop device and removes the work dir with every file
+    // under it (source, standby image, copies, keys).
+    let pid = std::process::id();
+    let work = PathBuf::from(format!("/dev/shm/ferry-bench-sync-{pid}"));
+    let mut rig = Rig::new(
+        ferry.clone(),
+        &work,
+        PathBuf::from(format!("/sys/fs/bpf/ferry-bench-sync-{pid}")),
+    )?;
+    let sshd = Sshd::start(&work.join("sshd"), &ferry)?;
+
+    util::step(&format!(
+        "making the source: a {} MiB RAM-backed loop device with ext4, {FILL_PERCENT}% full",
+        args.size_mib
+    ));
+    let source = work.join("source.img");
+    rig.create_file(&source, bytes)?;
+    let device = rig.attach_loop(&source, true)?;
+    make_filesystem(&device, &work.join("mnt"), bytes)?;
+
+    util::step(&format!(
+        "tracking {device} (chunk size {})",
+        args.chunk_size
+    ));
+    rig.track_add(&["--chunk-size", &args.chunk_size])?;
+    let target_dir = work.join("target");
+    fs::create_dir(&target_dir)
+        .with_context(|| format!("creating {} failed", target_dir.display()))?;
+    let image = sshd.url(&target_dir.join("standby.img"));
+    let ssh_args = sshd.ferry_args();
+
+    util::step("seeding the standby image over ssh (a full copy; all-zero chunks are skipped)");
+    let seed = standby::sync(&rig, &device, &image, &ssh_args)?;
+    expect_mode(&seed, "seed")?;
+
+    util::step("copying the backing file for rsync to update: the source before the churn");
+    let rsync_copy = target_dir.join("rsync.img");
+    Cmd::new("cp")
+        .arg("--sparse=always")
+        .arg(&source)
+        .arg(&rsync_copy)
+        .run()?;
+
+    let mut rng = Rng::new(SEED ^ 0xc4);
+    let blocks = workload::churn_blocks(&mut rng, bytes, args.churn_percent);
+    let churn = format!("{}% churn", args.churn_percent);
+    util::step(&format!(
+        "{churn}: writing {} random 4 KiB blocks at random places of {device} (O_DIRECT)",
+        blocks.len()
+    ));
+    workload::write_blocks(&device, &blocks, &mut rng)?;
+
+    let mut runner = Runner {
+        keep_going: args.keep_going,
+        failures: Vec::new(),
+    };
+    util::step(&format!("{churn}: ferry incremental sync over ssh"));
+    let ferry_churn = runner.attempt("ferry incremental sync after the churn", || {
+        let report = standby::sync(&rig, &device, &image, &ssh_args)?;
+        expect_mode(&report, "incremental")?;
+        Ok(report)
+    })?;
+    if ferry_churn.is_some() {
+        util::step("checking the standby image against the source");
+        runner.attempt("ferry verify after the churn", || {
+            standby::verify(&rig, &device, &image, &ssh_args)?.require_identical()
+        })?;
+    }
+
+    util::step(&format!(
+        "{churn}: rsync --inplace --no-whole-file of the backing file over the same sshd"
+    ));
+    let rsync = runner.attempt("rsync", || rsync(&sshd, &source, &rsync_copy))?;
+    remove_file(&rsync_copy)?;
+
+    util::step(&format!(
+        "{churn}: a full copy of the backing file through ssh 'cat > FILE'"
+    ));
+    let full_copy = target_dir.join("full.img");
+    let full = runner.attempt("full copy", || copy_over_ssh(&sshd, &source, &full_copy))?;
+    remove_file(&full_copy)?;
+
+    util::step(&format!(
+        "100% churn: overwriting all of {device} with random data (O_DIRECT)"
+    ));
+    workload::overwrite(&device, bytes, &mut rng)?;
+    util::step("100% churn: ferry incremental sync over ssh");
+    let ferry_all = runner.attempt("ferry incremental sync after the overwrite", || {
+        let report = standby::sync(&rig, &device, &image, &ssh_args)?;
+        expect_mode(&report, "incremental")?;
+        Ok(report)
+    })?;
+    if ferry_all.is_some() {
+        util::step("checking the standby image against the source");
+        runner.attempt("ferry verify after the overwrite", || {
+            standby::verify(&rig, &device, &image, &ssh_args)?.require_identical()
+        })?;
+    }
+    util::step("physical limit: reading the source (fio, O_DIRECT, 1 MiB reads, 16 in flight)");
+    let read = runner.attempt("reading the source", || read_device(&device))?;
+    util::step("physical limit: the same bytes through ssh 'cat > /dev/null'");
+    let pipe = runner.attempt("ssh throughput", || discard_over_ssh(&sshd, &source))?;
+
+    report(&Results {
+        size_mib: args.size_mib,
+        chunk_size: &args.chunk_size,
+        churn: &churn,
+        churn_blocks: blocks.len(),
+        load_before,
+        load_after: load_average(),
+        seed: Timed::from(&seed),
+        ferry_churn: ferry_churn.as_ref().map(Timed::from),
+        rsync,
+        full,
+        ferry_all: ferry_all.as_ref().map(Timed::from),
+        read,
+        pipe,
+    });
+    runner.finish()
+}
+
+/// A ferry run that was not of the expected kind measured something else.
+fn expect_mode(report: &SyncReport, mode: &str) -> Result<()> {
+    if report.mode != mode {
+        bail!(
+            "ferry ran a {} sync where a {mode} was expected",
+            report.mode
+        );
+    }
+    Ok(())
+}
+
+/// Bails unless RAM and /dev/shm have room for the source, the standby
+/// image and one baseline copy at once, plus headroom.
+fn check_room(bytes: u64) -> Result<()> {
+    let need = bytes * 3 + (1 << 30);
+    let meminfo = fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo failed")?;
+    let available =
+        meminfo_kib(&meminfo, "MemAvailable").context("no MemAvailable in /proc/meminfo")? << 10;
+    let df = Cmd::new("df")
+        .args(["--output=avail", "-B1", "/dev/shm"])
+        .quiet()
+        .output()?;
+    let shm_free: u64 = df
+        .stdout
+        .lines()
+        .nth(1)
+        .and_then(|line| line.trim().parse().ok())
+        .context("could not read the free space of /dev/shm from df")?;
+    if available < need || shm_free < need {
+        bail!(
+            "this bench keeps up to three copies of the disk in RAM and needs about {} of \
+             available memory and of free space in /dev/shm; there are {} and {} \
+             (try a smaller --size-mib)",
+            mib(need),
+            mib(available),
+            mib(shm_free)
+        );
+    }
+    Ok(())
+}
+
+fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The 1, 5 and 15 minute load averages, for judging how noisy a run was.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn remove_file(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing {} failed", path.display())),
+    }
+}
+
+/// Carries on past failed measurements with `--keep-going`, remembering
+/// them for the end.
+struct Runner {
+    keep_going: bool,
+    failures: Vec<String>,
+}
+
+impl Runner {
+    fn attempt<T>(&mut self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+        match f() {
+            Ok(value) => Ok(Some(value)),
+            Err(err) if self.keep_going && !sys::interrupted() => {
+                util::warn(format_args!(
+                    "{what} failed: {err:#}; going on (--keep-going)"
+                ));
+                self.failures.push(format!("{what}: {err:#}"));
+                Ok(None)
+            }
+            Err(err) => Err(err.context(format!("{what} failed"))),
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        if self.failures.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "{} measurement(s) or check(s) failed: {}",
+            self.failures.len(),
+            self.failures.join("; ")
+        );
+    }
+}
+
+fn make_filesystem(device: &str, mnt: &Path, bytes: u64) -> Result<()> {
+    // Inode tables and journal initialised now: ext4's lazy init would go on
+    // writing in the background after mount.
+    Cmd::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=0,lazy_journal_init=0",
+            device,
+        ])
+        .run()?;
+    fs::create_dir(mnt).with_context(|| format!("creating {} failed", mnt.display()))?;
+    let mut mount = Mount::new(device, mnt)?;
+    workload::fill(mount.dir(), bytes / 100 * FILL_PERCENT, SEED)?;
+    Cmd::new("df")
+        .args(["-h", "--output=size,used,avail,pcent"])
+        .arg(mount.dir())
+        .run()?;
+    // Unmounted, the device is quiet while the runs are timed.
+    mount.unmount()
+}
+
+// ---------------------------------------------------------------------------
+// The baselines and the physical limit.
+
+/// One timed transfer: wall-clock seconds, bytes of the disk it covered and
+/// bytes it sent (`None` where nothing is sent).
+struct Timed {
+    secs: f64,
+    covered: u64,
+    wire: Option<u64>,
+}
+
+impl Timed {
+    fn throughput(&self) -> f64 {
+        self.covered as f64 / self.secs
+    }
+}
+
+impl From<&SyncReport> for Timed {
+    fn from(report: &SyncReport) -> Self {
+        Self {
+            secs: report.wall_secs,
+            covered: report.changed_bytes,
+            wire: Some(report.sent_bytes),
+        }
+    }
+}
+
+fn file_size(path: &Path) -> Result<u64> {
+    Ok(fs::metadata(path)
+        .with_context(|| format!("reading the size of {} failed", path.display()))?
+        .len())
+}
+
+/// rsync's delta transfer of `source` onto `copy` (same size, taken before
+/// the churn) through the bench's sshd; then checks the copy.
+fn rsync(sshd: &Sshd, source: &Path, copy: &Path) -> Result<Timed> {
+    let cmd = Cmd::new("rsync")
+        // --ignore-times: always compare blocks, even if size and mtime match.
+        .args(["--inplace", "--no-whole-file", "--ignore-times", "--stats"])
+        .arg("-e")
+        .arg(sshd.ssh_command())
+        .arg(source)
+        .arg(format!("root@{HOST}:{}", copy.display()));
+    let start = Instant::now();
+    let output = cmd.output()?;
+    let secs = start.elapsed().as_secs_f64();
+    let stat = |key: &str| {
+        rsync_stat(&output.stdout, key).with_context(|| format!("rsync --stats printed no {key:?}"))
+    };
+    let (sent, received) = (stat("Total bytes sent")?, stat("Total bytes received")?);
+    say!(
+        "rsync: {} literal, {} matched; {} sent, {} received, in {secs:.2} s",
+        mib(stat("Literal data")?),
+        mib(stat("Matched data")?),
+        mib(sent),
+        mib(received)
+    );
+    Cmd::new("cmp")
+        .arg(source)
+        .arg(copy)
+        .output()
+        .context("rsync's copy does not match the source")?;
+    say!("rsync's copy is identical to the source");
+    Ok(Timed {
+        secs,
+        covered: file_size(source)?,
+        wire: Some(sent + received),
+    })
+}
+
+/// A number from rsync's `--stats`, e.g. `Total bytes sent: 1,234,567`.
+fn rsync_stat(stdout: &str, key: &str) -> Option<u64> {
+    stdout.lines().find_map(|line| {
+        let value = line.trim().strip_prefix(key)?.strip_prefix(':')?;
+        let digits: String = value
+            .split_whitespace()
+            .next()?
+            .chars()
+            .filter(|c| *c != ',')
+            .collect();
+        digits.parse().ok()
+    })
+}
+
+/// Runs a shell line, printed as it is run so it can be pasted; timed.
+fn timed_shell(script: &str) -> Result<f64> {
+    say!("$ {script}");
+    let start = Instant::now();
+    Cmd::new("sh").args(["-c", script]).quiet().output()?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// `ssh HOST 'cat > DEST' < SOURCE`; then checks the copy.
+fn copy_over_ssh(sshd: &Sshd, source: &Path, dest: &Path) -> Result<Timed> {
+    let remote = format!("cat > {}", shell_quote(&dest.to_string_lossy()));
+    let secs = timed_shell(&format!(
+        "{} root@{HOST} {} < {}",
+        sshd.ssh_command(),
+        shell_quote(&remote),
+        shell_quote(&source.to_string_lossy())
+    ))?;
+    let bytes = file_size(source)?;
+    say!(
+        "copied {} in {secs:.2} s ({:.0} MiB/s)",
+        mib(bytes),
+        bytes as f64 / secs / f64::from(1 << 20)
+    );
+    Cmd::new("cmp")
+        .arg(source)
+        .arg(dest)
+        .output()
+        .context("the copy does not match the source")?;
+    say!("the copy is identical to the source");
+    Ok(Timed {
+        secs,
+        covered: bytes,
+        wire: Some(bytes),
+    })
+}
+
+/// `ssh HOST 'cat > /dev/null' < SOURCE`: what the SSH link itself carries.
+fn discard_over_ssh(sshd: &Sshd, source: &Path) -> Result<Timed> {
+    let secs = timed_shell(&format!(
+        "{} root@{HOST} 'cat > /dev/null' < {}",
+        sshd.ssh_command(),
+        shell_quote(&source.to_string_lossy())
+    ))?;
+    let bytes = file_size(source)?;
+    say!(
+        "{} in {secs:.2} s ({:.0} MiB/s)",
+        mib(bytes),
+        bytes as f64 / secs / f64::from(1 << 20)
+    );
+    Ok(Timed {
+        secs,
+        covered: bytes,
+        wire: Some(bytes),
+    })
+}
+
+/// Sequential O_DIRECT read of the whole device, as fast as fio can.
+fn read_device(device: &str) -> Result<Timed> {
+    let output = Cmd::new("fio")
+        .args([
+            "--name=read",
+            &format!("--filename={device}"),
+            "--readonly",
+            "--rw=read",
+            "--bs=1M",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=16",
+            "--numjobs=1",
+            "--output-format=json",
+        ])
+        .output()?;
+    let job = fio_job(&output.stdout)?;
+    let io_bytes = job["read"]["io_bytes"]
+        .as_u64()
+        .context("fio's JSON report has no jobs[0].read.io_bytes")?;
+    let runtime_ms = job["read"]["runtime"]
+        .as_u64()
+        .filter(|ms| *ms > 0)
+        .context("fio's JSON report has no jobs[0].read.runtime")?;
+    let secs = runtime_ms as f64 / 1000.0;
+    say!(
+        "read {} in {secs:.2} s ({:.0} MiB/s)",
+        mib(io_bytes),
+        io_bytes as f64 / secs / f64::from(1 << 20)
+    );
+    Ok(Timed {
+        secs,
+        covered: io_bytes,
+        wire: None,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The report.
+
+struct Results<'a> {
+    size_mib: u64,
+    chunk_size: &'a str,
+    churn: &'a str,
+    churn_blocks: usize,
+    load_before: String,
+    load_after: String,
+    seed: Timed,
+    ferry_churn: Option<Timed>,
+    rsync: Option<Timed>,
+    full: Option<Timed>,
+    ferry_all: Option<Timed>,
+    read: Option<Timed>,
+    pipe: Option<Timed>,
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+fn report(r: &Results<'_>) {
+    util::step("results");
+    say!(
+        "source: {} MiB ext4 ({FILL_PERCENT}% full) on a loop device over /dev/shm; \
+         ferry chunk size {}; {} = {} random 4 KiB blocks",
+        r.size_mib,
+        r.chunk_size,
+        r.churn,
+        r.churn_blocks
+    );
+    say!(
+        "load average (1/5/15 min) before: {}, after: {} ({} CPUs)",
+        r.load_before,
+        r.load_after,
+        thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    say!("");
+    say!(
+        "{:<42} {:>9} {:>12} {:>12} {:>10}",
+        "run",
+        "time s",
+        "covers MiB",
+        "sends MiB",
+        "MiB/s"
+    );
+    let row = |label: &str, timed: Option<&Timed>| match timed {
+        Some(t) => say!(
+            "{label:<42} {:>9.2} {:>12.1} {:>12} {:>10.1}",
+            t.secs,
+            t.covered as f64 / f64::from(1 << 20),
+            t.wire.map_or("-".to_owned(), |w| format!(
+                "{:.1}",
+                w as f64 / f64::from(1 << 20)
+            )),
+            t.throughput() / f64::from(1 << 20)
+        ),
+        None => say!("{label:<42} {:>9}", "failed"),
+    };
+    row("seed: ferry over ssh", Some(&r.seed));
+    row(
+        &format!("{}: ferry incremental", r.churn),
+        r.ferry_churn.as_ref(),
+    );
+    row(
+        &format!("{}: rsync --inplace --no-whole-file", r.churn),
+        r.rsync.as_ref(),
+    );
+    row(
+        &format!("{}: full copy, ssh 'cat > FILE'", r.churn),
+        r.full.as_ref(),
+    );
+    row("100% churn: ferry incremental", r.ferry_all.as_ref());
+    row("source read, fio O_DIRECT", r.read.as_ref());
+    row("same bytes, ssh 'cat > /dev/null'", r.pipe.as_ref());
+    say!("");
+
+    let time_ratio = |slow: Option<&Timed>| match (slow, r.ferry_churn.as_ref()) {
+        (Some(slow), Some(ferry)) => Some(slow.secs / ferry.secs),
+        _ => None,
+    };
+    match time_ratio(r.rsync.as_ref()) {
+        Some(ratio) => say!(
+            "{:<42} {ratio:>8.1}x   goal >= {GOAL_RSYNC_RATIO}x: {}",
+            format!("rsync time / ferry time at {}", r.churn),
+            met(ratio >= GOAL_RSYNC_RATIO)
+        ),
+        None => say!("rsync / ferry: not measured   goal >= {GOAL_RSYNC_RATIO}x: NOT met"),
+    }
+    match time_ratio(r.full.as_ref()) {
+        Some(ratio) => say!(
+            "{:<42} {ratio:>8.1}x",
+            format!("full copy time / ferry time at {}", r.churn)
+        ),
+        None => say!("full copy / ferry: not measured"),
+    }
+    let limit = match (r.read.as_ref(), r.pipe.as_ref()) {
+        (Some(read), Some(pipe)) if read.throughput() <= pipe.throughput() => {
+            Some((read.throughput(), "reading the source"))
+        }
+        (Some(_), Some(pipe)) => Some((pipe.throughput(), "ssh")),
+        _ => None,
+    };
+    match (r.ferry_all.as_ref(), limit) {
+        (Some(ferry), Some((limit, by))) => {
+            let ratio = ferry.throughput() / limit;
+            say!(
+                "{:<42} {ratio:>9.2}   goal >= {GOAL_LIMIT_RATIO}: {} (ferry {:.0} MiB/s; \
+                 limit {:.0} MiB/s, set by {by})",
+                "ferry at 100% churn / physical limit",
+                met(ratio >= GOAL_LIMIT_RATIO),
+                ferry.throughput() / f64::from(1 << 20),
+                limit / f64::from(1 << 20)
+            );
+        }
+        _ => say!(
+            "ferry at 100% churn / physical limit: not measured   goal >= {GOAL_LIMIT_RATIO}: \
+             NOT met"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rsync_stats_with_and_without_thousands_separators() {
+        let stdout = "Literal data: 681,574,400 bytes\nMatched data: 3,613,392,896 bytes\n\
+                      Total bytes sent: 682,041,213\nTotal bytes received: 1048607\n";
+        assert_eq!(rsync_stat(stdout, "Literal data"), Some(681_574_400));
+        assert_eq!(rsync_stat(stdout, "Total bytes sent"), Some(682_041_213));
+        assert_eq!(rsync_stat(stdout, "Total bytes received"), Some(1_048_607));
+        assert_eq!(rsync_stat(stdout, "Total file size"), None);
+    }
+
+    #[test]
+    fn meminfo_is_read_by_key() {
+        let meminfo = "MemTotal:       24000000 kB\nMemAvailable:   21000000 kB\n";
+        assert_eq!(meminfo_kib(meminfo, "MemAvailable"), Some(21_000_000));
+        assert_eq!(meminfo_kib(meminfo, "MemFree"), None);
+    }
+
+    #[test]
+    fn percent_must_be_in_range() {
+        assert_eq!(parse_percent("1"), Ok(1.0));
+        assert_eq!(parse_percent("100"), Ok(100.0));
+        assert!(parse_percent("0").is_err());
+        assert!(parse_percent("101").is_err());
+        assert!(parse_percent("x").is_err());
+    }
+}
