@@ -642,6 +642,33 @@ mod tests {
     }
 
     #[test]
+    fn keep_going_notes_failures_and_fails_at_the_end() {
+        let mut runner = Runner {
+            keep_going: true,
+            failures: Vec::new(),
+        };
+        let failed = runner.attempt("rsync", || -> Result<()> { bail!("boom") });
+        assert!(matches!(failed, Ok(None)));
+        assert!(matches!(runner.attempt("ferry", || Ok(3)), Ok(Some(3))));
+        let err = runner
+            .finish()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(err, "1 measurement(s) or check(s) failed: rsync: boom");
+
+        let mut strict = Runner {
+            keep_going: false,
+            failures: Vec::new(),
+        };
+        let failed = strict.attempt("rsync", || -> Result<()> { bail!("boom") });
+        assert_eq!(
+            failed.err().map(|e| format!("{e:#}")).as_deref(),
+            Some("rsync failed: boom")
+        );
+    }
+
+    #[test]
     fn meminfo_is_read_by_key() {
         let meminfo = "MemTotal:       24000000 kB\nMemAvailable:   21000000 kB\n";
         assert_eq!(meminfo_kib(meminfo, "MemAvailable"), Some(21_000_000));
