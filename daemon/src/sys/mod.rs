@@ -4,6 +4,8 @@
 pub mod blk;
 pub mod bpf;
 pub mod mmap;
+pub mod prio;
+pub mod uring;
 
 use std::io;
 
