@@ -11,5 +11,6 @@
 pub mod device;
 pub mod dirty;
 pub mod sys;
+pub mod throttle;
 pub mod track;
 pub mod tracker;
