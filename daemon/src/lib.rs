@@ -10,6 +10,7 @@
 
 pub mod device;
 pub mod dirty;
+pub mod pipeline;
 pub mod sys;
 pub mod throttle;
 pub mod track;

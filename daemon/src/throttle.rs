@@ -377,6 +377,17 @@ mod tests {
     }
 
     #[test]
+    fn process_wide_priorities_reach_every_thread() {
+        // Values that change nothing for the rest of the test process.
+        let nice = prio::thread_nice(0).unwrap();
+        apply_nice(nice).unwrap();
+        apply_ioprio(IoPrio::BestEffort(4)).unwrap();
+        let tid = std::thread::spawn(|| prio::thread_ioprio(0).unwrap());
+        assert_eq!(prio::thread_ioprio(0).unwrap(), IoPrio::BestEffort(4).raw());
+        assert_eq!(tid.join().unwrap(), IoPrio::BestEffort(4).raw());
+    }
+
+    #[test]
     fn parses_io_priorities() {
         assert_eq!("idle".parse(), Ok(IoPrio::Idle));
         assert_eq!("best-effort".parse(), Ok(IoPrio::BestEffort(4)));

@@ -565,7 +565,10 @@ mod tests {
         let tmp = TempFile::new(&format!("reads-{register}"), &data);
         let file = open_direct(&tmp.0).unwrap();
         let mut ring = ReadRing::new(file, 4, 64 << 10, 512, register).unwrap();
-        assert_eq!(ring.fixed_buffers(), register);
+        // Root is not bound by RLIMIT_MEMLOCK, so registration must work.
+        if crate::sys::is_root() {
+            assert_eq!(ring.fixed_buffers(), register);
+        }
         let reqs: Vec<ReadReq> = (0..16u64)
             .map(|i| ReadReq {
                 tag: i,
