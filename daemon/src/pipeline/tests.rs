@@ -519,3 +519,12 @@ fn tmpfs_without_o_direct_is_read_through_the_page_cache() {
     let p = Pipeline::start(&tmp.path, 1 << 20, extents.clone(), config(4096, 1 << 20)).unwrap();
     read_and_check(&p, &File::open(&tmp.path).unwrap(), &extents, 4096);
 }
+
+#[test]
+fn handles_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Pipeline>();
+    send_sync::<Piece>();
+    send_sync::<PipelineError>();
+    send_sync::<RateLimiter>();
+}
