@@ -16,6 +16,8 @@ pub mod device;
 pub mod dirty;
 pub mod hash;
 pub mod protocol;
+pub mod pipeline;
 pub mod sys;
+pub mod throttle;
 pub mod track;
 pub mod tracker;

@@ -5,6 +5,8 @@ pub mod blk;
 pub mod bpf;
 pub mod fs;
 pub mod mmap;
+pub mod prio;
+pub mod uring;
 
 use std::io;
 

@@ -1,0 +1,350 @@
+//! The reader stage: one thread owning the io_uring ring.
+//!
+//! It walks the extents in reads of at most the read size (contiguous
+//! extents coalesced), and for each read, in this order: waits for the
+//! throttles, takes the read's bytes from the memory budget, submits. A
+//! finished read is cut on the device's chunk grid: runs of all-zero chunks
+//! go straight out as `Zero` pieces, runs of other chunks go to the
+//! compressor pool, each with its share of the read's permit.
+//!
+//! It never blocks on the budget or a throttle while reads are in flight:
+//! their permits would only come back once it reaps them, so with the budget
+//! it tries and falls back to reaping, and for a throttle it waits for
+//! completions with a timeout.
+
+use std::{collections::HashMap, iter::Peekable, path::PathBuf, sync::Arc, time::Duration};
+
+use super::{compress::Job, Budget, PanicGuard, Permit, Piece, PipelineError, Sender, Shared};
+use crate::{
+    dirty::Extent,
+    sys::{
+        prio,
+        uring::{self, Completed, ReadReq, ReadResult, ReadRing},
+    },
+    throttle::{IoPrio, RateLimiter, Ticket},
+};
+
+/// Longest sleep or wait, so cancellation and rate changes are noticed.
+const SLICE: Duration = Duration::from_millis(50);
+
+/// `O_DIRECT` transfer granularity; device sizes are multiples of it.
+const SECTOR: u64 = 512;
+
+/// The reads covering a list of extents: contiguous extents are coalesced,
+/// then cut into pieces of at most `read_size` bytes from each run's start.
+pub(super) struct Reads {
+    extents: Peekable<std::vec::IntoIter<Extent>>,
+    cur: u64,
+    end: u64,
+    read_size: u64,
+}
+
+impl Reads {
+    pub(super) fn new(extents: Vec<Extent>, read_size: u64) -> Self {
+        Self {
+            extents: extents.into_iter().peekable(),
+            cur: 0,
+            end: 0,
+            read_size,
+        }
+    }
+}
+
+impl Iterator for Reads {
+    type Item = Extent;
+
+    fn next(&mut self) -> Option<Extent> {
+        if self.cur == self.end {
+            let first = self.extents.next()?;
+            self.cur = first.offset;
+            self.end = first.offset + first.len;
+            while let Some(next) = self.extents.next_if(|e| e.offset == self.end) {
+                self.end += next.len;
+            }
+        }
+        let len = (self.end - self.cur).min(self.read_size);
+        let read = Extent {
+            offset: self.cur,
+            len,
+        };
+        self.cur += len;
+        Some(read)
+    }
+}
+
+/// Why the read loop stopped early.
+enum Halt {
+    /// Report this down the stream.
+    Failed(PipelineError),
+    /// The pipeline is being stopped; nobody listens any more.
+    Gone,
+}
+
+impl<E: Into<PipelineError>> From<E> for Halt {
+    fn from(e: E) -> Self {
+        Halt::Failed(e.into())
+    }
+}
+
+/// The next read, with its places in the throttles' queues.
+struct Planned {
+    read: Extent,
+    bytes: Option<Ticket>,
+    ops: Option<Ticket>,
+}
+
+/// A read the ring holds.
+struct InFlight {
+    permit: Permit,
+    len: u64,
+}
+
+pub(super) struct Reader {
+    pub(super) path: PathBuf,
+    pub(super) reads: Reads,
+    pub(super) depth: u16,
+    pub(super) buf_len: usize,
+    pub(super) chunk_size: u64,
+    pub(super) ioprio: Option<IoPrio>,
+    pub(super) read_bytes: Option<Arc<RateLimiter>>,
+    pub(super) read_ops: Option<Arc<RateLimiter>>,
+    pub(super) budget: Budget,
+    pub(super) shared: Arc<Shared>,
+    pub(super) out: Sender,
+    pub(super) jobs: crossbeam_channel::Sender<Job>,
+}
+
+impl Reader {
+    /// Sets up, tells `ready` how that went, then reads everything.
+    pub(super) fn run(mut self, ready: crossbeam_channel::Sender<Result<(), PipelineError>>) {
+        let _guard = PanicGuard {
+            stage: "reader",
+            out: self.out.clone(),
+        };
+        let mut ring = match self.setup() {
+            Ok(ring) => {
+                let _ = ready.send(Ok(()));
+                ring
+            }
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        if let Err(Halt::Failed(e)) = self.read_all(&mut ring) {
+            let _ = self.out.send(Err(e));
+        }
+        // Dropping the ring waits for reads still in flight.
+    }
+
+    fn setup(&self) -> Result<ReadRing, PipelineError> {
+        if let Some(p) = self.ioprio {
+            if let Err(e) = prio::set_thread_ioprio(0, p.raw()) {
+                tracing::warn!(ioprio = %p, error = %e, "cannot set the reader's I/O priority");
+            }
+        }
+        let (file, direct) =
+            uring::open_for_reading(&self.path).map_err(|source| PipelineError::Open {
+                path: self.path.clone(),
+                source,
+            })?;
+        if !direct {
+            tracing::warn!(
+                path = %self.path.display(),
+                "O_DIRECT refused by the filesystem; reading through the page cache"
+            );
+        }
+        let block = if direct { SECTOR as u32 } else { 1 };
+        Ok(ReadRing::new(file, self.depth, self.buf_len, block, true)?)
+    }
+
+    fn plan(&self, read: Extent) -> Planned {
+        Planned {
+            read,
+            bytes: self.read_bytes.as_ref().map(|l| l.reserve(read.len)),
+            ops: self.read_ops.as_ref().map(|l| l.reserve(1)),
+        }
+    }
+
+    /// How long `next` must still wait for the throttles.
+    fn throttle_wait(&self, next: &Planned) -> Duration {
+        let wait = |l: &Option<Arc<RateLimiter>>, t: Option<Ticket>| match (l, t) {
+            (Some(l), Some(t)) => l.wait_time(t),
+            _ => Duration::ZERO,
+        };
+        wait(&self.read_bytes, next.bytes).max(wait(&self.read_ops, next.ops))
+    }
+
+    fn read_all(&mut self, ring: &mut ReadRing) -> Result<(), Halt> {
+        let ioprio = self.ioprio.map_or(0, IoPrio::raw);
+        let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
+        let mut next_tag = 0u64;
+        let mut next: Option<Planned> = None;
+        loop {
+            if self.shared.cancelled() {
+                return Err(Halt::Gone);
+            }
+            let mut throttled = None;
+            while ring.has_free_buffer() {
+                if next.is_none() {
+                    if let Some(read) = self.reads.next() {
+                        next = Some(self.plan(read));
+                    }
+                }
+                let Some(planned) = &next else { break };
+                let wait = self.throttle_wait(planned);
+                if !wait.is_zero() {
+                    throttled = Some(wait.min(SLICE));
+                    break;
+                }
+                let len = planned.read.len;
+                let permit = if ring.busy() == 0 {
+                    // Nothing of ours to reap: what the budget lacks is held
+                    // downstream, so waiting is safe.
+                    self.budget.acquire(len).ok_or(Halt::Gone)?
+                } else {
+                    match self.budget.try_acquire(len) {
+                        Some(permit) => permit,
+                        None => break,
+                    }
+                };
+                let read = next.take().expect("planned read").read;
+                ring.push(ReadReq {
+                    tag: next_tag,
+                    offset: read.offset,
+                    len: read.len.next_multiple_of(SECTOR) as u32,
+                    need: read.len as u32,
+                    ioprio,
+                })?;
+                in_flight.insert(next_tag, InFlight { permit, len });
+                next_tag += 1;
+            }
+            ring.submit()?;
+            if ring.busy() == 0 {
+                match throttled {
+                    Some(wait) => std::thread::sleep(wait),
+                    None if next.is_none() => return Ok(()),
+                    None => {}
+                }
+                continue;
+            }
+            ring.wait(throttled)?;
+            let mut result = Ok(());
+            ring.reap(|done| {
+                if result.is_ok() {
+                    result = self.complete(done, &mut in_flight);
+                }
+            });
+            result?;
+        }
+    }
+
+    fn complete(
+        &self,
+        done: Completed<'_>,
+        in_flight: &mut HashMap<u64, InFlight>,
+    ) -> Result<(), Halt> {
+        let InFlight { permit, len } = in_flight
+            .remove(&done.tag)
+            .expect("completion of a read in flight");
+        match done.result {
+            ReadResult::Data(data) => {
+                Shared::add(&self.shared.bytes_read, len);
+                Shared::add(&self.shared.read_ops, 1);
+                self.split(done.offset, data, permit)
+            }
+            ReadResult::Eof { at } => Err(Halt::Failed(PipelineError::ShortRead {
+                path: self.path.clone(),
+                offset: at,
+            })),
+            ReadResult::Failed { at, error } => Err(Halt::Failed(PipelineError::Read {
+                path: self.path.clone(),
+                offset: at,
+                len: done.offset + len - at,
+                source: error,
+            })),
+        }
+    }
+
+    /// Cuts `data` (read at `offset`) on the chunk grid into zero and data
+    /// runs and sends each on.
+    fn split(&self, offset: u64, data: &[u8], mut permit: Permit) -> Result<(), Halt> {
+        let mut run_start = 0;
+        let mut run_zero = None;
+        let mut pos = 0;
+        while pos < data.len() {
+            let chunk_end = ((offset + pos as u64) / self.chunk_size + 1) * self.chunk_size;
+            let end = ((chunk_end - offset) as usize).min(data.len());
+            let zero = is_zero(&data[pos..end]);
+            if run_zero.is_some_and(|z| z != zero) {
+                self.emit(offset, &data[run_start..pos], run_start, !zero, &mut permit)?;
+                run_start = pos;
+            }
+            run_zero = Some(zero);
+            pos = end;
+        }
+        if let Some(zero) = run_zero {
+            self.emit(offset, &data[run_start..], run_start, zero, &mut permit)?;
+        }
+        Ok(())
+    }
+
+    fn emit(
+        &self,
+        read_offset: u64,
+        run: &[u8],
+        at: usize,
+        zero: bool,
+        permit: &mut Permit,
+    ) -> Result<(), Halt> {
+        let offset = read_offset + at as u64;
+        let len = run.len() as u64;
+        if zero {
+            Shared::add(&self.shared.zero_bytes, len);
+            self.out
+                .send(Ok(Piece::Zero { offset, len }))
+                .map_err(|_| Halt::Gone)
+        } else {
+            let job = Job {
+                offset,
+                raw: run.to_vec(),
+                permit: permit.split(len),
+            };
+            self.jobs.send(job).map_err(|_| Halt::Gone)
+        }
+    }
+}
+
+/// Whether every byte is zero; ORs 64-byte blocks, which vectorises.
+pub(super) fn is_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(64)
+        .all(|block| block.iter().fold(0, |acc, &b| acc | b) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(offset: u64, len: u64) -> Extent {
+        Extent { offset, len }
+    }
+
+    #[test]
+    fn reads_coalesce_touching_extents_and_split_at_read_size() {
+        let extents = vec![e(0, 4096), e(4096, 8192), e(65536, 4096), e(69632, 1000)];
+        let reads: Vec<Extent> = Reads::new(extents, 8192).collect();
+        assert_eq!(reads, vec![e(0, 8192), e(8192, 4096), e(65536, 5096)]);
+        assert_eq!(Reads::new(vec![], 8192).count(), 0);
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut buf = vec![0u8; 4096 + 7];
+        assert!(is_zero(&buf));
+        assert!(is_zero(&[]));
+        buf[4100] = 1;
+        assert!(!is_zero(&buf));
+        assert!(is_zero(&buf[..4096]));
+    }
+}
