@@ -204,6 +204,9 @@ pub struct Hello {
     pub image: String,
     /// Take over an image whose commit record names another source.
     pub force_new_source: bool,
+    /// Only compare (`ferry verify`): the agent creates, locks and changes
+    /// nothing, checks no source identity, and answers only hash requests.
+    pub read_only: bool,
 }
 
 /// The agent's answer to an accepted `Hello`.
@@ -482,7 +485,7 @@ fn encode_payload(msg: &Message, b: &mut Vec<u8>) {
             b.extend_from_slice(&h.source_id);
             b.extend_from_slice(&h.device_size.to_le_bytes());
             b.extend_from_slice(&h.chunk_size.to_le_bytes());
-            b.push(u8::from(h.force_new_source));
+            b.push(u8::from(h.force_new_source) | u8::from(h.read_only) << 1);
             b.extend_from_slice(h.image.as_bytes());
         }
         Message::Welcome(w) => {
@@ -613,12 +616,23 @@ fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, ProtocolError> 
         Kind::Hello => {
             let version = f.u16()?;
             let parsed = (|| {
+                let source_id = f.array()?;
+                let device_size = f.u64()?;
+                let chunk_size = f.u32()?;
+                let flags = f.u8()?;
+                if flags & !0b11 != 0 {
+                    return Err(ProtocolError::Malformed {
+                        kind,
+                        reason: "unknown Hello flags",
+                    });
+                }
                 Ok::<_, ProtocolError>(Hello {
                     version,
-                    source_id: f.array()?,
-                    device_size: f.u64()?,
-                    chunk_size: f.u32()?,
-                    force_new_source: f.bool()?,
+                    source_id,
+                    device_size,
+                    chunk_size,
+                    force_new_source: flags & 1 != 0,
+                    read_only: flags & 2 != 0,
                     image: f.string()?,
                 })
             })();
@@ -774,18 +788,22 @@ mod tests {
                 any::<u64>(),
                 any::<u32>(),
                 ".{0,40}",
+                any::<bool>(),
                 any::<bool>()
             )
-                .prop_map(|(source_id, device_size, chunk_size, image, force)| {
-                    Message::Hello(Hello {
-                        version: VERSION,
-                        source_id,
-                        device_size,
-                        chunk_size,
-                        image,
-                        force_new_source: force,
-                    })
-                }),
+                .prop_map(
+                    |(source_id, device_size, chunk_size, image, force, read_only)| {
+                        Message::Hello(Hello {
+                            version: VERSION,
+                            source_id,
+                            device_size,
+                            chunk_size,
+                            image,
+                            force_new_source: force,
+                            read_only,
+                        })
+                    }
+                ),
             (
                 any::<u64>(),
                 any::<Option<[u8; 16]>>(),
@@ -986,6 +1004,7 @@ mod tests {
             chunk_size: 4096,
             image: "x".into(),
             force_new_source: false,
+            read_only: false,
         };
         assert_eq!(
             round_trip(&Message::Hello(hello.clone())),

@@ -42,6 +42,16 @@ impl Image {
     /// Opens, or creates empty, the image `name` beneath `root` and takes its
     /// lock. Nothing outside `root` is touched; a refused name creates nothing.
     pub fn open(root: &Path, name: &str) -> Result<Self, AgentError> {
+        Self::open_as(root, name, false)
+    }
+
+    /// Opens an existing image for reading only, without its lock (for
+    /// `ferry verify`). Creates nothing.
+    pub fn open_read_only(root: &Path, name: &str) -> Result<Self, AgentError> {
+        Self::open_as(root, name, true)
+    }
+
+    fn open_as(root: &Path, name: &str, read_only: bool) -> Result<Self, AgentError> {
         let (parent, file_name) = split_name(name)?;
         let root_fd = sysfs::open_dir(root).map_err(|e| {
             AgentError::refused_by(
@@ -89,8 +99,22 @@ impl Image {
 
         let path = Path::new(file_name);
         let mut created = false;
-        let file = match sysfs::open_beneath(dir.as_fd(), path, Open::ReadWrite) {
+        let file = match sysfs::open_beneath(
+            dir.as_fd(),
+            path,
+            if read_only {
+                Open::Read
+            } else {
+                Open::ReadWrite
+            },
+        ) {
             Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && read_only => {
+                return Err(AgentError::refused(
+                    ErrorCode::Io,
+                    format!("image {name} does not exist"),
+                ))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 match sysfs::open_beneath(dir.as_fd(), path, Open::CreateNew { mode: 0o600 }) {
                     Ok(f) => {
@@ -115,7 +139,7 @@ impl Image {
                 format!("{name}: not a regular file"),
             ));
         }
-        if !sysfs::try_lock_exclusive(&file).map_err(|e| open_err(e, "lock"))? {
+        if !read_only && !sysfs::try_lock_exclusive(&file).map_err(|e| open_err(e, "lock"))? {
             return Err(AgentError::refused(
                 ErrorCode::Busy,
                 format!("{name} is in use by another ferry session"),

@@ -138,7 +138,7 @@ pub fn serve<R: Read, W: Write>(
         Err(err) => err,
     };
     if let AgentError::Refused { code, .. } = &err {
-        tracing::warn!("refusing the session: {}", err.wire_text());
+        tracing::debug!("refusing the session: {}", err.wire_text());
         let reply = Message::Error {
             code: *code,
             message: err.wire_text(),
@@ -173,7 +173,7 @@ fn run<R: Read, W: Write>(
         return Err(version_mismatch(hello.version));
     }
     let (mut session, welcome) = Session::open(root, &hello)?;
-    tracing::info!(
+    tracing::debug!(
         image = %hello.image,
         generation = welcome.generation,
         created = welcome.created,
@@ -228,6 +228,8 @@ struct Session {
     threads: usize,
     scratch: Vec<u8>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
+    /// A `verify` session: hash requests only.
+    read_only: bool,
 }
 
 impl Session {
@@ -240,8 +242,17 @@ impl Session {
                 format!("chunk size {} is not a power of two", hello.chunk_size),
             ));
         }
-        let image = Image::open(root, &hello.image)?;
-        match Self::welcome(&image, hello) {
+        let image = if hello.read_only {
+            Image::open_read_only(root, &hello.image)?
+        } else {
+            Image::open(root, &hello.image)?
+        };
+        let welcome = if hello.read_only {
+            Self::read_only_welcome(&image)
+        } else {
+            Self::welcome(&image, hello)
+        };
+        match welcome {
             Ok(welcome) => Ok((
                 Self {
                     image,
@@ -254,6 +265,7 @@ impl Session {
                     threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
                     scratch: Vec::new(),
                     zstd: None,
+                    read_only: hello.read_only,
                 },
                 welcome,
             )),
@@ -262,6 +274,18 @@ impl Session {
                 Err(e)
             }
         }
+    }
+
+    /// A comparison only: the image and its record are left as they are.
+    fn read_only_welcome(image: &Image) -> Result<Welcome, AgentError> {
+        let rec = image.read_record()?;
+        Ok(Welcome {
+            version: VERSION,
+            generation: rec.as_ref().map_or(0, |r| r.generation),
+            source_id: rec.as_ref().and_then(CommitRecord::source_bytes),
+            image_size: image.len()?,
+            created: false,
+        })
     }
 
     fn welcome(image: &Image, hello: &Hello) -> Result<Welcome, AgentError> {
@@ -329,6 +353,12 @@ impl Session {
 
     /// Applies one frame; returns the reply to send, if any.
     fn apply(&mut self, msg: Message) -> Result<Option<Message>, AgentError> {
+        if self.read_only && !matches!(msg, Message::HashRequest { .. } | Message::Error { .. }) {
+            return Err(AgentError::refused(
+                ErrorCode::Malformed,
+                format!("{:?} in a read-only session", msg.kind()),
+            ));
+        }
         match msg {
             Message::Data(d) => {
                 self.data(d)?;
@@ -480,7 +510,7 @@ impl Session {
             generation,
             bytes_written: self.bytes_since_commit,
         };
-        tracing::info!(
+        tracing::debug!(
             image = %self.image.name,
             generation,
             bytes = self.bytes_since_commit,

@@ -73,6 +73,7 @@ fn hello(image: &str, source_id: [u8; 16], device_size: u64) -> Message {
         chunk_size: 65536,
         image: image.to_owned(),
         force_new_source: false,
+        read_only: false,
     })
 }
 
