@@ -28,6 +28,7 @@ use crate::{
     dirty::{
         extents,
         store::{DeviceRecord, Store, StoreError},
+        targets::Set,
     },
     tracker::{ChunkSize, Counters, Epoch, TrackSpec, Tracker, TrackerError},
 };
@@ -128,6 +129,17 @@ impl<T: Tracker> Tracking<T> {
 
     /// Starts tracking `path`.
     pub fn add(&mut self, path: &Path, chunk: ChunkSize) -> Result<DeviceReport, TrackError> {
+        self.add_as(path, chunk, uuid::Uuid::new_v4().to_string())
+    }
+
+    /// Starts tracking `path` as the replication source `source_id` (a
+    /// hyphenated UUID).
+    pub fn add_as(
+        &mut self,
+        path: &Path,
+        chunk: ChunkSize,
+        source_id: String,
+    ) -> Result<DeviceReport, TrackError> {
         let device = BlockDevice::resolve(path)?;
         if self.store.record(device.dev)?.is_some() {
             return Err(TrackError::AlreadyTracked { path: device.path });
@@ -162,6 +174,7 @@ impl<T: Tracker> Tracking<T> {
             added_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            source_id: Some(source_id),
         };
         let saved = self
             .store
@@ -184,6 +197,7 @@ impl<T: Tracker> Tracking<T> {
             Ok(()) | Err(TrackerError::NotTracked { .. }) => {}
             Err(e) => return Err(e.into()),
         }
+        self.store.delete_targets_of(dev)?;
         self.store.delete(dev)?;
         Ok(())
     }
@@ -208,34 +222,88 @@ impl<T: Tracker> Tracking<T> {
         Ok(dirty_report(&rec, &set, &state))
     }
 
-    /// The dirty set, then cleared.
+    /// The dirty set, then cleared. What it takes still goes to every
+    /// target of the device: only a target's acknowledgement clears its set.
     pub fn drain(&mut self, path: &Path) -> Result<DirtyReport, TrackError> {
         let mut rec = self.find(path)?;
         let state = self.reconcile(&mut rec)?;
+        let set = self.take(&mut rec, &state)?;
+        let report = dirty_report(&rec, &set, &state);
+        self.store
+            .save_pending(dev_of(&rec), &RoaringBitmap::new())?;
+        Ok(report)
+    }
+
+    /// Drains the kernel's bits into every target's pending set, for a sync
+    /// job. Returns the device's record and state.
+    pub fn drain_to_targets(&mut self, path: &Path) -> Result<(DeviceRecord, State), TrackError> {
+        let mut rec = self.find(path)?;
+        let state = self.reconcile(&mut rec)?;
+        self.take(&mut rec, &state)?;
         let dev = dev_of(&rec);
+        if !self.store.targets_of(dev)?.is_empty() {
+            self.store.save_pending(dev, &RoaringBitmap::new())?;
+        }
+        Ok((rec, state))
+    }
+
+    /// Takes the kernel's bits and persists them, merged into the device's
+    /// pending set and into each target's. The in-use flag brackets the
+    /// window where the bits exist only in this process. Returns the
+    /// device's whole pending set.
+    fn take(&mut self, rec: &mut DeviceRecord, state: &State) -> Result<RoaringBitmap, TrackError> {
+        let dev = dev_of(rec);
         let mut set = self.store.pending(dev)?;
         let kernel = match state {
             State::NeedsResync(_) if self.tracker.peek(dev).is_err() => RoaringBitmap::new(),
             _ => {
                 rec.draining = true;
-                self.store.save_record(dev, &rec)?;
+                self.store.save_record(dev, rec)?;
                 self.tracker.drain(dev)?
             }
         };
         set |= &kernel;
-        if let Err(e) = self.store.save_pending(dev, &set) {
+        let persisted = self.store.save_pending(dev, &set).and_then(|()| {
+            for (id, _) in self.store.targets_of(dev)? {
+                let mut t = self.store.target_set(&id, Set::Pending)?;
+                t |= &kernel;
+                self.store.save_target_set(&id, Set::Pending, &t)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = persisted {
+            // Bits some target may already hold are harmless twice.
             self.tracker.reclaim(dev, &kernel)?;
             rec.draining = false;
-            let _ = self.store.save_record(dev, &rec);
+            let _ = self.store.save_record(dev, rec);
             return Err(e.into());
         }
         if rec.draining {
             rec.draining = false;
-            self.store.save_record(dev, &rec)?;
+            self.store.save_record(dev, rec)?;
         }
-        let report = dirty_report(&rec, &set, &state);
-        self.store.save_pending(dev, &RoaringBitmap::new())?;
-        Ok(report)
+        Ok(set)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The record of a tracked device.
+    pub fn record(&self, path: &Path) -> Result<DeviceRecord, TrackError> {
+        self.find(path)
+    }
+
+    /// The device's source identity, made now for records from before
+    /// identities existed.
+    pub fn source_id(&mut self, rec: &mut DeviceRecord) -> Result<String, TrackError> {
+        if let Some(id) = &rec.source_id {
+            return Ok(id.clone());
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        rec.source_id = Some(id.clone());
+        self.store.save_record(dev_of(rec), rec)?;
+        Ok(id)
     }
 
     fn find(&self, path: &Path) -> Result<DeviceRecord, TrackError> {
@@ -281,14 +349,33 @@ impl<T: Tracker> Tracking<T> {
         if lost {
             self.rearm(rec)?;
         }
+        // Each target resyncs on its own: hand the reason to every target,
+        // and keep it on the device only while there is none.
+        let targets = self.store.targets_of(dev)?;
+        if let Some(r) = &reason {
+            for (id, mut t) in targets.clone() {
+                if t.needs_resync.is_none() {
+                    t.needs_resync = Some(r.clone());
+                    self.store.save_target(&id, &t)?;
+                }
+            }
+            if !targets.is_empty() {
+                reason = None;
+            }
+        }
         if reason != rec.needs_resync || lost {
             rec.needs_resync = reason;
             self.store.save_record(dev, rec)?;
         }
-        Ok(rec
-            .needs_resync
-            .clone()
-            .map_or(State::Tracking, State::NeedsResync))
+        if let Some(r) = &rec.needs_resync {
+            return Ok(State::NeedsResync(r.clone()));
+        }
+        for (_, t) in self.store.targets_of(dev)? {
+            if let Some(r) = t.needs_resync {
+                return Ok(State::NeedsResync(format!("{r} (target {})", t.url)));
+            }
+        }
+        Ok(State::Tracking)
     }
 
     /// Tracks a device again after the kernel lost it (its bits are gone;

@@ -3,5 +3,6 @@
 
 pub mod extents;
 pub mod store;
+pub mod targets;
 
 pub use extents::{extents, Extent};

@@ -72,6 +72,10 @@ pub struct DeviceRecord {
     pub draining: bool,
     /// Unix seconds.
     pub added_at: u64,
+    /// This device's identity as a replication source (a random UUID made
+    /// when tracking began). Targets record it and refuse other sources.
+    #[serde(default)]
+    pub source_id: Option<String>,
 }
 
 /// The state directory, locked for the life of this value.
@@ -272,6 +276,7 @@ mod tests {
             overflows_seen: 0,
             draining: false,
             added_at: 1,
+            source_id: None,
         }
     }
 
