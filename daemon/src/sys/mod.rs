@@ -3,6 +3,7 @@
 
 pub mod blk;
 pub mod bpf;
+pub mod fd;
 pub mod fs;
 pub mod mmap;
 pub mod prio;
@@ -39,6 +40,24 @@ pub fn flock_exclusive(file: &std::fs::File) -> io::Result<()> {
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {
             return Err(err);
+        }
+    }
+}
+
+/// Tries to take an exclusive `flock` on `file` without waiting; `false`
+/// when another open file holds it.
+pub fn flock_try_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    loop {
+        // SAFETY: flock on a valid fd owned by `file`; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(err),
         }
     }
 }

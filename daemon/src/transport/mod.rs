@@ -1,0 +1,162 @@
+//! Reaching the target agent. A [`Link`] is a pair of byte streams to and
+//! from one agent session, plus the worker that carries them:
+//!
+//! - `file://` runs the agent in this process, on a thread joined by two
+//!   pipes: no network, the same agent code as a remote target;
+//! - `ssh://` runs `ferry agent` on the target over an SSH exec channel
+//!   (libssh2). The host key is always checked against known_hosts. If the
+//!   target has no ferry of this version, ferry pushes its own binary over
+//!   SFTP into a private directory and checks it before running it.
+//!
+//! Frames are the protocol's business; a link only moves bytes, in both
+//! directions at once, so an agent's error reply is seen while data is
+//! still being sent.
+
+mod local;
+pub mod push;
+pub mod ssh;
+pub mod url;
+
+use std::{
+    io::{PipeReader, PipeWriter},
+    thread::JoinHandle,
+};
+
+pub use ssh::{Secret, SshOptions};
+pub use url::{Endpoint, TargetUrl, UrlError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("SSH handshake with {host} failed")]
+    Handshake {
+        host: String,
+        #[source]
+        source: ssh2::Error,
+    },
+    #[error(
+        "host key of {host} is not in {known_hosts} ({fingerprint}); check it, then rerun with \
+         --accept-new-host-key to record it"
+    )]
+    UnknownHostKey {
+        host: String,
+        known_hosts: String,
+        fingerprint: String,
+    },
+    #[error(
+        "host key of {host} does not match {known_hosts} (now {fingerprint}): refusing to \
+         connect; if the host was reinstalled, remove its old key from that file"
+    )]
+    HostKeyChanged {
+        host: String,
+        known_hosts: String,
+        fingerprint: String,
+    },
+    #[error("known hosts file {path}")]
+    KnownHosts {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("authentication as {user}@{host} failed (tried: {tried})")]
+    Auth {
+        user: String,
+        host: String,
+        tried: String,
+    },
+    #[error("password file {path}: {reason}")]
+    PasswordFile { path: String, reason: String },
+    #[error("SSH {op} on {host} failed")]
+    Ssh {
+        host: String,
+        op: &'static str,
+        #[source]
+        source: ssh2::Error,
+    },
+    #[error("cannot install ferry on {host}: {reason}")]
+    Push { host: String, reason: String },
+    #[error("{op}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to {host} lost")]
+    Lost {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent on {host} exited with status {status}{}", stderr_suffix(.stderr))]
+    AgentExited {
+        host: String,
+        status: i32,
+        stderr: String,
+    },
+    #[error("local agent failed")]
+    LocalAgent {
+        #[source]
+        source: crate::agent::AgentError,
+    },
+    #[error("local agent thread panicked")]
+    Panicked,
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    match stderr.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(line) => format!(": {}", line.trim()),
+        None => String::new(),
+    }
+}
+
+/// How a session ended, as seen by the worker that carried it.
+#[derive(Debug, Default)]
+pub struct LinkEnd {
+    /// The remote agent's exit status, when there is one.
+    pub exit_status: Option<i32>,
+    /// The tail of what the agent wrote to stderr.
+    pub stderr: String,
+}
+
+/// Byte streams to and from one agent session.
+pub struct Link {
+    /// Frames to the agent. Dropping it tells the agent the session is over.
+    pub tx: PipeWriter,
+    /// Frames from the agent; EOF when the session is over.
+    pub rx: PipeReader,
+    pub worker: JoinHandle<Result<LinkEnd, TransportError>>,
+    /// Where the agent runs, for messages.
+    pub peer: String,
+}
+
+/// Options that matter only to some transports.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    pub ssh: SshOptions,
+}
+
+/// Starts an agent session for `url`.
+pub fn connect(url: &TargetUrl, opts: &ConnectOptions) -> Result<Link, TransportError> {
+    match &url.endpoint {
+        Endpoint::Local => local::start(&url.root),
+        Endpoint::Ssh { user, host, port } => {
+            let conn = ssh::connect(user, host, *port, &opts.ssh)?;
+            ssh::start_agent(conn, &url.root)
+        }
+    }
+}
+
+fn pipe() -> Result<(PipeReader, PipeWriter), TransportError> {
+    let (r, w) = std::io::pipe().map_err(|source| TransportError::Io {
+        op: "create pipe",
+        source,
+    })?;
+    use std::os::fd::AsFd;
+    crate::sys::fd::grow_pipe(w.as_fd(), 1 << 20);
+    Ok((r, w))
+}
