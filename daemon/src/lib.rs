@@ -9,15 +9,37 @@
 //! - [`protocol`]: the frames between source and target;
 //! - [`agent`]: the target side, applying frames to a standby image;
 //! - [`hash`]: block hashes for checksum resync and frame content;
+//! - [`sync`]: one job that brings a target image up to date, and `verify`;
+//! - [`pipeline`]: io_uring reads, zero detection and the zstd pool;
+//! - [`throttle`]: rate limits and I/O priority;
+//! - [`transport`]: reaching the agent, locally or over SSH;
 //! - [`sys`]: the only code that calls libc.
 
 pub mod agent;
 pub mod device;
 pub mod dirty;
 pub mod hash;
-pub mod protocol;
 pub mod pipeline;
+pub mod protocol;
+pub mod sync;
 pub mod sys;
 pub mod throttle;
 pub mod track;
 pub mod tracker;
+pub mod transport;
+
+/// `bytes` for people: `1.5 GiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

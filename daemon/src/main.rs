@@ -1,20 +1,27 @@
 //! The `ferry` command.
 
 use std::{
-    io::Write,
+    io::{IsTerminal, Write},
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::Arc,
 };
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ferry::{
+    agent,
     dirty::store::{Store, DEFAULT_STATE_DIR},
-    track::{DeviceReport, DirtyReport, Tracking},
+    human,
+    pipeline::PipelineConfig,
+    sync::{self, Mode, SyncError, SyncOptions},
+    throttle::{self, IoPrio, RateLimiter},
+    track::{DeviceReport, DirtyReport, TrackError, Tracking},
     tracker::{
         linux::{LinuxTracker, DEFAULT_BPF_DIR},
         ChunkSize, Tracker,
     },
+    transport::{ConnectOptions, Secret, SshOptions, TargetUrl},
 };
 
 /// ferry keeps standby copies of a server's disks current by shipping only the
@@ -50,6 +57,145 @@ enum Command {
     /// Track writes to block devices.
     #[command(subcommand)]
     Track(TrackCommand),
+    /// Bring a standby image up to date with a block device.
+    ///
+    /// The first run seeds the target with a full copy (all-zero chunks are
+    /// skipped, so the image stays thin); later runs ship only the chunks
+    /// written since. If tracking was interrupted, or the target is not where
+    /// this source left it, the run compares checksums of both sides and ships
+    /// what differs, and says so. A device not tracked yet is tracked first.
+    ///
+    /// Nothing is forgotten until the target has written it to disk and
+    /// acknowledged it: an interrupted run is completed by the next one.
+    ///
+    /// Examples:
+    ///   ferry sync /dev/sdb file:///var/lib/standby/web.img
+    ///   ferry sync /dev/sdb ssh://backup@kvm1/srv/standby/web.img --bwlimit 20M
+    #[command(verbatim_doc_comment)]
+    Sync(Box<SyncArgs>),
+    /// Compare a block device with its standby image by checksums.
+    ///
+    /// Prints the byte ranges that differ. Exit status 0 if identical, 1 if
+    /// not. The source keeps changing while it runs: verify right after a
+    /// sync of a quiet device for a clean answer.
+    Verify(VerifyArgs),
+    /// Serve one sync session on stdin/stdout (ferry runs this on the target
+    /// over SSH; there is no need to run it by hand).
+    Agent {
+        /// The directory images live in; the agent never touches anything
+        /// outside it.
+        #[arg(long)]
+        root: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    /// The source block device, e.g. /dev/sdb.
+    device: PathBuf,
+    /// file:///DIR/IMAGE (this host) or ssh://USER@HOST[:PORT]/DIR/IMAGE.
+    target: TargetUrl,
+    /// Compare checksums of both sides and ship what differs, whatever the
+    /// tracker says.
+    #[arg(long)]
+    resync: bool,
+    /// Take over an image that another source wrote (it is overwritten).
+    #[arg(long)]
+    force_new_source: bool,
+    /// Chunk size if the device has to be tracked first.
+    #[arg(long, default_value = "64K", value_parser = parse_chunk)]
+    chunk_size: ChunkSize,
+    /// Cap on bytes per second on the wire, e.g. 500K, 20M (0 = none).
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]
+    bwlimit: u64,
+    /// Cap on bytes per second read from the source (0 = none).
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]
+    read_limit: u64,
+    /// Cap on read operations per second on the source (0 = none).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    read_iops: u64,
+    /// I/O priority of the reads: idle, best-effort or best-effort:N (0 is
+    /// highest, 7 lowest).
+    #[arg(long, value_name = "CLASS")]
+    ioprio: Option<IoPrio>,
+    /// CPU niceness of the job (-20..19).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    nice: Option<i32>,
+    /// zstd level (1 fast .. 19 small; 0 sends data uncompressed).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    zstd_level: i32,
+    /// Compression threads (default: one per CPU).
+    #[arg(long, value_name = "N")]
+    compress_threads: Option<usize>,
+    /// Cap on data held in memory between reading and sending.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    mem_cap: u64,
+    /// Largest single read from the source.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    max_io: u64,
+    /// Reads in flight on the source.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    queue_depth: u32,
+    #[command(flatten)]
+    ssh: SshArgs,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The source block device.
+    device: PathBuf,
+    /// The standby image, as given to `ferry sync`.
+    target: TargetUrl,
+    #[command(flatten)]
+    ssh: SshArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SshArgs {
+    /// known_hosts file the target's host key is checked against.
+    #[arg(long, value_name = "FILE", default_value = "~/.ssh/known_hosts")]
+    known_hosts: String,
+    /// Record the target's host key if known_hosts has none for it (a
+    /// changed key is always refused).
+    #[arg(long)]
+    accept_new_host_key: bool,
+    /// Private key to log in with (default: ssh-agent, then ~/.ssh/id_*).
+    #[arg(long, short = 'i', value_name = "FILE")]
+    identity: Option<PathBuf>,
+    /// File holding the password or key passphrase; must be mode 0600.
+    /// Or set FERRY_SSH_PASSWORD. Never given on the command line.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+}
+
+impl SshArgs {
+    fn options(&self) -> anyhow::Result<ConnectOptions> {
+        let known_hosts = match self.known_hosts.strip_prefix("~/") {
+            Some(rest) => std::env::var_os("HOME")
+                .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+                .join(rest),
+            None => PathBuf::from(&self.known_hosts),
+        };
+        let password = match &self.password_file {
+            Some(path) => Some(Secret::from_file(path)?),
+            None => Secret::from_env(),
+        };
+        Ok(ConnectOptions {
+            ssh: SshOptions {
+                known_hosts: Some(known_hosts),
+                accept_new_host_key: self.accept_new_host_key,
+                identity: self.identity.clone(),
+                password,
+                connect_timeout: None,
+            },
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -102,6 +248,28 @@ fn parse_chunk(s: &str) -> Result<ChunkSize, String> {
     s.parse()
 }
 
+/// `4096`, `64K`, `20M`, `1G` (binary multiples).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown unit (use K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size like 4096, 64K, 20M or 1G"))
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -117,12 +285,18 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,ferry=info".into()),
         )
         .with_writer(std::io::stderr)
+        .event_format(Plain)
         .init();
+    // `verify` says "different" with 1, so its errors exit 2, as cmp's do.
+    let trouble = match cli.command {
+        Command::Verify(_) => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    };
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             if err
                 .downcast_ref::<std::io::Error>()
@@ -131,8 +305,36 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             eprintln!("ferry: {}", one_line(&err));
-            ExitCode::FAILURE
+            trouble
         }
+    }
+}
+
+/// Log lines as a command-line tool prints them: the message alone, with
+/// `warning:` or `error:` in front where that matters.
+struct Plain;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Plain
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        match *event.metadata().level() {
+            tracing::Level::ERROR => write!(writer, "ferry: error: ")?,
+            tracing::Level::WARN => write!(writer, "ferry: warning: ")?,
+            tracing::Level::DEBUG | tracing::Level::TRACE => {
+                write!(writer, "{}: ", event.metadata().target())?
+            }
+            tracing::Level::INFO => {}
+        }
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
     }
 }
 
@@ -152,8 +354,18 @@ fn one_line(err: &anyhow::Error) -> String {
     line
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Track(cmd) = cli.command;
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cmd = match cli.command {
+        Command::Track(cmd) => cmd,
+        Command::Agent { root } => {
+            let stdin = std::io::stdin().lock();
+            let stdout = std::io::stdout().lock();
+            agent::serve(&root, stdin, stdout)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Sync(args) => return sync_command(&cli.state_dir, &cli.bpf_dir, &args),
+        Command::Verify(args) => return verify_command(&args),
+    };
     let tracker = LinuxTracker::new(&cli.bpf_dir)?;
     let open_store = |path: &Path| {
         Store::open(path).with_context(|| format!("cannot use state directory {}", path.display()))
@@ -220,7 +432,112 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sync_command(state_dir: &Path, bpf_dir: &Path, args: &SyncArgs) -> anyhow::Result<ExitCode> {
+    if let Some(n) = args.nice {
+        throttle::apply_nice(n).context("cannot apply --nice")?;
+    }
+    let connect = args.ssh.options()?;
+    let limiter = |rate: u64| (rate > 0).then(|| Arc::new(RateLimiter::new(rate)));
+    let mut pipeline = PipelineConfig {
+        zstd_level: args.zstd_level,
+        mem_cap: args.mem_cap,
+        max_io: u32::try_from(args.max_io).context("--max-io is too large")?,
+        queue_depth: args.queue_depth,
+        read_bytes: limiter(args.read_limit),
+        read_ops: limiter(args.read_iops),
+        ioprio: args.ioprio,
+        ..PipelineConfig::default()
+    };
+    if let Some(n) = args.compress_threads {
+        pipeline.compress_threads = n.max(1);
+    }
+    let opts = SyncOptions {
+        device: args.device.clone(),
+        target: args.target.clone(),
+        state_dir: state_dir.to_owned(),
+        chunk: args.chunk_size,
+        resync: args.resync,
+        force_new_source: args.force_new_source,
+        connect,
+        pipeline,
+        bwlimit: args.bwlimit,
+        progress_bar: std::io::stderr().is_terminal() && !args.json,
+    };
+    let summary = sync::run(&opts, || {
+        let tracker = LinuxTracker::new(bpf_dir).map_err(TrackError::from)?;
+        let store = Store::open(state_dir).map_err(SyncError::from)?;
+        Ok(Tracking::new(tracker, store))
+    })?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &summary)?;
+        writeln!(out)?;
+    } else {
+        let s = &summary;
+        writeln!(
+            out,
+            "{} {} -> {}: changed {}, sent {}, zeros skipped {}, compression {:.2}x, {:.1} s, {}/s, \
+             resync {}",
+            match s.mode {
+                Mode::Seed => "seeded",
+                Mode::Incremental => "synced",
+                Mode::Resync => "resynced",
+            },
+            s.device.display(),
+            s.target,
+            human(s.changed_bytes),
+            human(s.sent_bytes),
+            human(s.zero_bytes),
+            s.compression_ratio,
+            s.duration_secs,
+            human(s.throughput_bytes_per_sec as u64),
+            match (&s.resync_reason, s.differing_bytes) {
+                (Some(r), Some(d)) => format!("yes ({r}; {} differed)", human(d)),
+                _ => "no".to_owned(),
+            },
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify_command(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let connect = args.ssh.options()?;
+    let bar = std::io::stderr().is_terminal() && !args.json;
+    let r = sync::verify::verify(&args.device, &args.target, &connect, bar)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &r)?;
+        writeln!(out)?;
+    } else if r.identical {
+        writeln!(
+            out,
+            "{} and {} are identical ({} compared)",
+            r.device.display(),
+            r.target,
+            human(r.compared_bytes)
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{} and {} differ: {} in {} ranges",
+            r.device.display(),
+            r.target,
+            human(r.differing_bytes),
+            r.ranges.len()
+        )?;
+        writeln!(out, "{:>16} {:>12}", "OFFSET", "LENGTH")?;
+        for [offset, len] in &r.ranges {
+            writeln!(out, "{offset:>16} {len:>12}")?;
+        }
+    }
+    Ok(if r.identical {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn print_list(out: &mut impl Write, list: &[DeviceReport]) -> anyhow::Result<()> {
@@ -281,19 +598,4 @@ fn print_dirty(out: &mut impl Write, r: &DirtyReport, json: bool) -> anyhow::Res
         }
     }
     Ok(())
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }

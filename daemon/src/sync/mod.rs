@@ -1,0 +1,463 @@
+//! `ferry sync`: one job that brings a target image up to date with a
+//! tracked source device.
+//!
+//! ```text
+//! lock target ─▶ drain kernel bits into every target's pending set
+//!             ─▶ pending → inflight (persisted)            ┐ state lock held
+//!             ─▶ connect, handshake                        ┘ only around these
+//!             ─▶ choose: seed | incremental | checksum resync
+//!             ─▶ read (io_uring) → zstd → frames → agent
+//!             ─▶ commit g+1 ─▶ ack ─▶ record g+1, clear inflight
+//! ```
+//!
+//! Invariants:
+//! - **Clear only after acknowledgement.** The chunks a job ships sit in the
+//!   target's persisted `inflight` set until the agent acknowledges the
+//!   commit, which it sends only after fsync. A job killed at any point
+//!   leaves them there and the next job ships them again.
+//! - **Never trust a bitmap that may have gaps.** A device or target in
+//!   `needs-resync`, a target image of another source, or a target at a
+//!   generation this source never committed gets a checksum resync.
+//! - **Tracking starts before the seed reads.** Writes made during a seed
+//!   are in the kernel bitmap and go with the next job.
+
+mod compare;
+mod progress;
+pub mod session;
+pub mod verify;
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use roaring::RoaringBitmap;
+use serde::Serialize;
+
+use crate::{
+    device::BlockDevice,
+    dirty::{
+        extents::{extents, total_bytes},
+        store::{Store, StoreError},
+        targets::{target_id, Set, TargetRecord},
+    },
+    pipeline::{self, Piece, Pipeline, PipelineConfig, PipelineError},
+    protocol::{self, ErrorCode, Hello, Message, ProtocolError},
+    throttle::RateLimiter,
+    track::{TrackError, Tracking},
+    tracker::{ChunkSize, Tracker},
+    transport::{self, ConnectOptions, TargetUrl, TransportError},
+};
+use progress::Progress;
+use session::Session;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Track(#[from] TrackError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("another ferry sync to {target} is running")]
+    Busy { target: String },
+    #[error("{peer} refused: {code}: {message}")]
+    Refused {
+        peer: String,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("bad reply from {peer}")]
+    Protocol {
+        peer: String,
+        #[source]
+        source: ProtocolError,
+    },
+    #[error("{peer} sent {got} where {wanted} was expected")]
+    Unexpected {
+        peer: String,
+        wanted: &'static str,
+        got: &'static str,
+    },
+    #[error("reading the source failed")]
+    Pipeline(#[from] PipelineError),
+    #[error("source: {op} at offset {offset} failed")]
+    Source {
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the target image is {image} bytes, smaller than the source ({source_size} bytes)")]
+    ImageTooSmall { image: u64, source_size: u64 },
+    #[error("device too large for its chunk size (more than 2^32 chunks)")]
+    TooLarge,
+}
+
+/// What one job does, from the command line.
+pub struct SyncOptions {
+    pub device: PathBuf,
+    pub target: TargetUrl,
+    pub state_dir: PathBuf,
+    /// Chunk size when `sync` has to start tracking the device.
+    pub chunk: ChunkSize,
+    /// Force a checksum resync.
+    pub resync: bool,
+    /// Let this source take over an image another source wrote.
+    pub force_new_source: bool,
+    pub connect: ConnectOptions,
+    pub pipeline: PipelineConfig,
+    /// Wire bytes per second; 0 = unlimited.
+    pub bwlimit: u64,
+    /// Draw a progress bar (a terminal); otherwise log progress lines.
+    pub progress_bar: bool,
+}
+
+/// How the job brought the target up to date.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// First full copy (all-zero chunks skipped).
+    Seed,
+    /// Only the chunks the tracker drained.
+    Incremental,
+    /// Compared checksums of both sides and shipped what differed.
+    Resync,
+}
+
+/// The job's final report (`--json` prints it as is).
+#[derive(Clone, Debug, Serialize)]
+pub struct SyncSummary {
+    pub device: PathBuf,
+    pub target: String,
+    pub mode: Mode,
+    pub resync: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_reason: Option<String>,
+    /// Bytes of the device the job covered (dirty extents, or the whole
+    /// device for a seed).
+    pub changed_bytes: u64,
+    /// Bytes a resync found different (resync only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub differing_bytes: Option<u64>,
+    /// Bytes written to the link (frames, after compression).
+    pub sent_bytes: u64,
+    /// Bytes read from the source.
+    pub read_bytes: u64,
+    /// Bytes of all-zero chunks sent as zero records.
+    pub zero_bytes: u64,
+    /// Non-zero bytes shipped, before compression.
+    pub data_bytes: u64,
+    /// `data_bytes` over the bytes of their payloads.
+    pub compression_ratio: f64,
+    pub duration_secs: f64,
+    /// `changed_bytes` per second.
+    pub throughput_bytes_per_sec: f64,
+    /// The generation the target acknowledged.
+    pub generation: u64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Runs one job. `open` gives access to tracking state; it is called only
+/// for short updates, so other ferry commands are not held up by a long
+/// transfer.
+pub fn run<T: Tracker>(
+    opts: &SyncOptions,
+    mut open: impl FnMut() -> Result<Tracking<T>, SyncError>,
+) -> Result<SyncSummary, SyncError> {
+    let started = Instant::now();
+    let url = opts.target.to_string();
+
+    // 1. Where things stand here. Nothing changes until the target has
+    //    accepted the session, so a refused job leaves no trace.
+    let device = BlockDevice::resolve(&opts.device).map_err(TrackError::from)?;
+    let dev = device.dev;
+    let id = target_id(dev, &url);
+    let (known, mut target) = {
+        let tracking = open()?;
+        let known = match tracking.record(&opts.device) {
+            Ok(rec) => Some(rec),
+            Err(TrackError::NotTracked { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let target = tracking.store().target(&id)?;
+        (known, target)
+    };
+    let source_id = known
+        .as_ref()
+        .and_then(|r| r.source_id.clone())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let chunk = known.as_ref().map_or(opts.chunk.bytes(), |r| r.chunk_size);
+    let size = device.size_bytes();
+    let nchunks = size.div_ceil(chunk);
+    if nchunks > u64::from(u32::MAX) {
+        return Err(SyncError::TooLarge);
+    }
+
+    // 2. Connect and learn where the target stands.
+    let wire = (opts.bwlimit > 0).then(|| Arc::new(RateLimiter::new(opts.bwlimit)));
+    let link = transport::connect(&opts.target, &opts.connect)?;
+    let mut session = Session::new(link, wire);
+    let welcome = session.handshake(Hello {
+        version: protocol::VERSION,
+        source_id: parse_uuid(&source_id),
+        device_size: size,
+        chunk_size: chunk as u32,
+        image: opts.target.image.clone(),
+        force_new_source: opts.force_new_source,
+        read_only: false,
+    })?;
+    if welcome.image_size < size {
+        return Err(SyncError::ImageTooSmall {
+            image: welcome.image_size,
+            source_size: size,
+        });
+    }
+
+    // 3. Tracking before anything is read, so no write from here on is
+    //    missed; then drain into every target's pending set and freeze ours.
+    let mut tracking = open()?;
+    let mut rec = match tracking.record(&opts.device) {
+        Ok(rec) => rec,
+        Err(TrackError::NotTracked { .. }) => {
+            let r = tracking.add_as(&opts.device, opts.chunk, source_id.clone())?;
+            tracing::info!(
+                "started tracking {} (chunk {})",
+                r.device.display(),
+                opts.chunk
+            );
+            tracking.record(&opts.device)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if tracking.source_id(&mut rec)? != source_id || rec.chunk_size != chunk {
+        // Another command re-added the device while we connected.
+        return Err(SyncError::Busy {
+            target: url.clone(),
+        });
+    }
+    let _lock = tracking.store().lock_target(&id).map_err(|e| match e {
+        StoreError::Busy { .. } => SyncError::Busy {
+            target: url.clone(),
+        },
+        e => e.into(),
+    })?;
+    if target.is_none() {
+        let t = TargetRecord {
+            url: url.clone(),
+            dev: dev.to_string(),
+            generation: 0,
+            committing: None,
+            seeded: false,
+            needs_resync: None,
+            last_sync: None,
+        };
+        tracking.store().save_target(&id, &t)?;
+    }
+    tracking.drain_to_targets(&opts.device)?;
+    let mut target = tracking
+        .store()
+        .target(&id)?
+        .or(target.take())
+        .expect("the target record was just saved");
+    let store = tracking.store();
+    let mut frozen = store.target_set(&id, Set::Inflight)?;
+    frozen |= store.target_set(&id, Set::Pending)?;
+    store.save_target_set(&id, Set::Inflight, &frozen)?;
+    store.save_target_set(&id, Set::Pending, &RoaringBitmap::new())?;
+    drop(tracking);
+
+    let ours = Some(parse_uuid(&source_id));
+    let known_generation =
+        welcome.generation == target.generation || Some(welcome.generation) == target.committing;
+    let reason = if opts.resync {
+        Some("requested with --resync".to_owned())
+    } else if !target.seeded && welcome.generation == 0 {
+        None // a seed
+    } else if !target.seeded {
+        Some(format!(
+            "the image already holds generation {} of this source",
+            welcome.generation
+        ))
+    } else if let Some(r) = &target.needs_resync {
+        Some(r.clone())
+    } else if welcome.source_id != ours {
+        Some("the image was taken over from another source".to_owned())
+    } else if !known_generation {
+        Some(format!(
+            "the target is at generation {}, this source last committed {}",
+            welcome.generation, target.generation
+        ))
+    } else {
+        None
+    };
+    let mode = match (&reason, target.seeded) {
+        (Some(_), _) => Mode::Resync,
+        (None, false) => Mode::Seed,
+        (None, true) => Mode::Incremental,
+    };
+    let mut progress = Progress::new(opts.progress_bar);
+    if let Some(r) = &reason {
+        progress.note(&format!("checksum resync of {url}: {r}"));
+    }
+
+    // 4. Decide what to ship.
+    let mut ship = frozen.clone();
+    let mut differing_bytes = None;
+    match mode {
+        Mode::Seed => {
+            ship.insert_range(0..nchunks as u32);
+        }
+        Mode::Incremental => {}
+        Mode::Resync => {
+            let file =
+                crate::sys::uring::open_direct(&device.path).map_err(|source| SyncError::Open {
+                    path: device.path.clone(),
+                    source,
+                })?;
+            progress.phase("comparing checksums", size);
+            let differ = compare::differing_chunks(&mut session, &file, size, chunk as u32, |d| {
+                progress.set(d)
+            })?;
+            differing_bytes = Some(total_bytes(&extents(&differ, chunk, size, u64::MAX)));
+            ship |= differ;
+        }
+    }
+    let plan = extents(&ship, chunk, size, u64::from(opts.pipeline.max_io));
+    let changed_bytes = total_bytes(&plan);
+
+    // 5. Ship.
+    progress.phase(
+        match mode {
+            Mode::Seed => "seeding",
+            Mode::Incremental => "shipping changes",
+            Mode::Resync => "shipping differences",
+        },
+        changed_bytes,
+    );
+    let mut cfg = opts.pipeline.clone();
+    cfg.chunk_size = chunk;
+    let pipe = Pipeline::start(&device.path, size, plan, cfg)?;
+    let mut done = 0;
+    while let Some(piece) = pipe.recv() {
+        let piece = piece?;
+        done += piece.raw_len();
+        let msg = match piece {
+            Piece::Data {
+                offset,
+                raw_len,
+                codec,
+                data_hash,
+                payload,
+                permit,
+            } => {
+                let msg = Message::Data(protocol::Data {
+                    offset,
+                    raw_len,
+                    codec: match codec {
+                        pipeline::Codec::Raw => protocol::Codec::Raw,
+                        pipeline::Codec::Zstd => protocol::Codec::Zstd,
+                    },
+                    data_hash,
+                    payload,
+                });
+                session.send(&msg)?;
+                drop(permit);
+                progress.set(done);
+                continue;
+            }
+            Piece::Zero { offset, len } => Message::Zero { offset, len },
+        };
+        session.send(&msg)?;
+        progress.set(done);
+    }
+    let stats = pipe.finish()?;
+
+    // 6. Commit: recorded as under way first, so a job killed before the
+    //    acknowledgement is recorded knows the target may be one ahead.
+    let generation = target.generation.max(welcome.generation) + 1;
+    {
+        let store = Store::open(&opts.state_dir)?;
+        target.committing = Some(generation);
+        store.save_target(&id, &target)?;
+    }
+    progress.phase("committing", 0);
+    session.send(&Message::Commit { generation })?;
+    match session.recv()? {
+        Message::Ack { generation: g, .. } if g == generation => {}
+        other => {
+            return Err(SyncError::Unexpected {
+                peer: session.peer.clone(),
+                wanted: "Ack of the commit",
+                got: if matches!(other, Message::Ack { .. }) {
+                    "Ack of another generation"
+                } else {
+                    "another reply"
+                },
+            })
+        }
+    }
+    let sent_bytes = session.bytes_sent;
+    session.close()?;
+
+    // 7. Acknowledged: only now forget what was shipped.
+    {
+        let store = Store::open(&opts.state_dir)?;
+        let mut fresh = store.target(&id)?.unwrap_or(target.clone());
+        fresh.generation = generation;
+        fresh.committing = None;
+        fresh.seeded = true;
+        fresh.last_sync = Some(now_secs());
+        // A reason that arrived while the job ran (a drain found tracking
+        // lost) still stands; the one this job resolved does not.
+        if fresh.needs_resync == target.needs_resync || mode == Mode::Seed {
+            fresh.needs_resync = None;
+        }
+        store.save_target(&id, &fresh)?;
+        store.save_target_set(&id, Set::Inflight, &RoaringBitmap::new())?;
+    }
+    progress.finish();
+    let secs = started.elapsed().as_secs_f64();
+    Ok(SyncSummary {
+        device: device.path,
+        target: url,
+        mode,
+        resync: mode == Mode::Resync,
+        resync_reason: reason,
+        changed_bytes,
+        differing_bytes,
+        sent_bytes,
+        read_bytes: stats.bytes_read,
+        zero_bytes: stats.zero_bytes,
+        data_bytes: stats.data_bytes,
+        compression_ratio: if stats.payload_bytes == 0 {
+            1.0
+        } else {
+            stats.data_bytes as f64 / stats.payload_bytes as f64
+        },
+        duration_secs: secs,
+        throughput_bytes_per_sec: if secs > 0.0 {
+            changed_bytes as f64 / secs
+        } else {
+            0.0
+        },
+        generation,
+    })
+}
+
+/// The 16 bytes of a hyphenated UUID (records always hold valid ones).
+pub fn parse_uuid(s: &str) -> [u8; 16] {
+    uuid::Uuid::parse_str(s).map_or([0; 16], |u| *u.as_bytes())
+}

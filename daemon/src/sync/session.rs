@@ -1,0 +1,224 @@
+//! The source's end of one agent session: the handshake, frames out
+//! (metered by the wire throttle), replies in on their own thread so an
+//! agent's error is seen while data is still going out.
+
+use std::{
+    io::{self, Write},
+    sync::Arc,
+    thread::JoinHandle,
+};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+
+use super::SyncError;
+use crate::{
+    protocol::{self, Hello, Message, ProtocolError, Welcome},
+    throttle::RateLimiter,
+    transport::{Link, LinkEnd, TransportError},
+};
+
+/// Environment variable of the corrupt-frame test hook: the 1-based number
+/// of the data frame to damage after its checksum was computed. Only tests
+/// set it; the agent must detect the damage and apply nothing.
+pub const CORRUPT_FRAME_ENV: &str = "FERRY_TEST_CORRUPT_FRAME";
+
+pub struct Session {
+    tx: Option<io::PipeWriter>,
+    replies: Receiver<Result<Message, ProtocolError>>,
+    reader: Option<JoinHandle<()>>,
+    worker: Option<JoinHandle<Result<LinkEnd, TransportError>>>,
+    pub peer: String,
+    wire: Option<Arc<RateLimiter>>,
+    /// Bytes written to the link.
+    pub bytes_sent: u64,
+    data_frames: u64,
+    corrupt_frame: Option<u64>,
+}
+
+impl Session {
+    pub fn new(link: Link, wire: Option<Arc<RateLimiter>>) -> Self {
+        let Link {
+            tx,
+            mut rx,
+            worker,
+            peer,
+        } = link;
+        let (reply_tx, replies) = crossbeam_channel::unbounded();
+        let reader = std::thread::Builder::new()
+            .name("ferry-replies".into())
+            .spawn(move || loop {
+                match protocol::read_message(&mut rx) {
+                    Ok(Some(msg)) => {
+                        if reply_tx.send(Ok(msg)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = reply_tx.send(Err(e));
+                        return;
+                    }
+                }
+            })
+            .ok();
+        Self {
+            tx: Some(tx),
+            replies,
+            reader,
+            worker: Some(worker),
+            peer,
+            wire,
+            bytes_sent: 0,
+            data_frames: 0,
+            corrupt_frame: std::env::var(CORRUPT_FRAME_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+
+    /// Sends Hello and waits for Welcome.
+    pub fn handshake(&mut self, hello: Hello) -> Result<Welcome, SyncError> {
+        self.send(&Message::Hello(hello))?;
+        match self.recv()? {
+            Message::Welcome(w) => Ok(w),
+            other => Err(self.unexpected(other, "Welcome")),
+        }
+    }
+
+    /// Sends one message.
+    pub fn send(&mut self, msg: &Message) -> Result<(), SyncError> {
+        let mut frame = protocol::encode(msg);
+        if let Message::Data(_) = msg {
+            self.data_frames += 1;
+            if self.corrupt_frame == Some(self.data_frames) {
+                let last = frame.len() - 1;
+                frame[last] ^= 0x5a;
+            }
+        }
+        self.send_frame(&frame)
+    }
+
+    /// Sends an already encoded frame.
+    pub fn send_frame(&mut self, frame: &[u8]) -> Result<(), SyncError> {
+        // An error the agent already sent explains a failed write better.
+        self.check()?;
+        if let Some(limit) = &self.wire {
+            limit.acquire(frame.len() as u64);
+        }
+        let tx = self.tx.as_mut().expect("sending on a closed session");
+        if let Err(e) = tx.write_all(frame) {
+            return Err(self.lost(e));
+        }
+        self.bytes_sent += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Fails if the agent has sent an error (never waits).
+    pub fn check(&mut self) -> Result<(), SyncError> {
+        match self.replies.try_recv() {
+            Ok(Ok(Message::Error { code, message })) => Err(SyncError::Refused {
+                peer: self.peer.clone(),
+                code,
+                message,
+            }),
+            Ok(Ok(other)) => Err(self.unexpected(other, "nothing")),
+            Ok(Err(e)) => Err(SyncError::Protocol {
+                peer: self.peer.clone(),
+                source: e,
+            }),
+            Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => Ok(()),
+        }
+    }
+
+    /// Waits for the next reply; an agent error becomes `Refused`.
+    pub fn recv(&mut self) -> Result<Message, SyncError> {
+        match self.replies.recv() {
+            Ok(Ok(Message::Error { code, message })) => Err(SyncError::Refused {
+                peer: self.peer.clone(),
+                code,
+                message,
+            }),
+            Ok(Ok(msg)) => Ok(msg),
+            Ok(Err(e)) => Err(SyncError::Protocol {
+                peer: self.peer.clone(),
+                source: e,
+            }),
+            Err(_) => Err(self.lost(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the agent closed the session",
+            ))),
+        }
+    }
+
+    fn unexpected(&self, got: Message, wanted: &'static str) -> SyncError {
+        SyncError::Unexpected {
+            peer: self.peer.clone(),
+            wanted,
+            got: kind_name(&got),
+        }
+    }
+
+    /// The session broke: say why, preferring what the worker saw.
+    fn lost(&mut self, e: io::Error) -> SyncError {
+        self.tx = None;
+        if let Some(worker) = self.worker.take() {
+            match worker.join() {
+                Ok(Err(t)) => return SyncError::Transport(t),
+                Ok(Ok(end)) => {
+                    if let Some(status) = end.exit_status.filter(|s| *s != 0) {
+                        return SyncError::Transport(TransportError::AgentExited {
+                            host: self.peer.clone(),
+                            status,
+                            stderr: end.stderr,
+                        });
+                    }
+                }
+                Err(_) => return SyncError::Transport(TransportError::Panicked),
+            }
+        }
+        SyncError::Transport(TransportError::Lost {
+            host: self.peer.clone(),
+            source: e,
+        })
+    }
+
+    /// Ends the session cleanly: the agent sees EOF and exits.
+    pub fn close(mut self) -> Result<(), SyncError> {
+        self.tx = None;
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        match self.worker.take().map(JoinHandle::join) {
+            Some(Ok(Err(e))) => Err(SyncError::Transport(e)),
+            Some(Err(_)) => Err(SyncError::Transport(TransportError::Panicked)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn kind_name(msg: &Message) -> &'static str {
+    match msg {
+        Message::Hello(_) => "Hello",
+        Message::Welcome(_) => "Welcome",
+        Message::Data(_) => "Data",
+        Message::Zero { .. } => "Zero",
+        Message::Commit { .. } => "Commit",
+        Message::Ack { .. } => "Ack",
+        Message::HashRequest { .. } => "HashRequest",
+        Message::HashReply { .. } => "HashReply",
+        Message::Error { .. } => "Error",
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Closing our side ends the agent's session; the threads then end.
+        self.tx = None;
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
