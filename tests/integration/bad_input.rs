@@ -107,3 +107,63 @@ fn missing_bpffs_is_refused() {
     assert!(!std::path::Path::new("/tmp/ferry-not-bpffs").exists());
     assert!(!f.state.exists() || f.snapshot().is_empty());
 }
+
+#[test]
+fn bad_sync_input_is_refused_and_changes_nothing() {
+    if !privileged("bad_sync_input_is_refused_and_changes_nothing") {
+        return;
+    }
+    let dev = LoopDev::new(16 * MIB);
+    let untracked = LoopDev::new(16 * MIB);
+    let dir = crate::util::TempDir::new();
+    let f = Ferry::new();
+    f.ok(&["track", "add", dev.arg()]);
+    let url = format!("file://{}", dir.join("standby.img").display());
+    let u = untracked.arg();
+
+    refused(&f, &["sync", "/etc/hostname", &url], "not a block device");
+    refused(&f, &["sync", u, "http://host/x.img"], "expected file://");
+    refused(&f, &["sync", u, "file://relative.img"], "absolute");
+    refused(&f, &["sync", u, "file:///a/../b.img"], "'..'");
+    refused(&f, &["sync", u, "ssh://host/x.img"], "a user and a host");
+    refused(
+        &f,
+        &["sync", u, &format!("{url}?format=qcow9")],
+        "not supported",
+    );
+    refused(&f, &["sync", u, &url, "--bwlimit", "12Q"], "unknown unit");
+    refused(&f, &["sync", u, &url, "--ioprio", "urgent"], "urgent");
+    // The target root must exist; nothing is created on the way.
+    let missing = format!("file://{}/no/such/dir/x.img", dir.path.display());
+    refused(&f, &["sync", u, &missing], "no/such/dir");
+    assert!(!dir.join("no").exists());
+    // A password file others can read is refused, and never echoed.
+    let pw = dir.join("pw");
+    std::fs::write(&pw, "hunter2\n").unwrap();
+    refused(
+        &f,
+        &[
+            "sync",
+            u,
+            "ssh://u@127.0.0.1:1/x.img",
+            "--password-file",
+            pw.to_str().unwrap(),
+        ],
+        "chmod 600",
+    );
+    // Unreachable target: one line, nothing tracked.
+    let err = f.fails(&["sync", u, "ssh://u@127.0.0.1:1/x.img"]);
+    assert!(err.contains("cannot connect"), "{err}");
+    assert!(!err.contains("hunter2"));
+    refused(&f, &["verify", "/etc/hostname", &url], "not a block device");
+    let out = f.output(&["verify", dev.arg(), &url]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "verify errors exit 2 (1 means 'differ')"
+    );
+    assert!(
+        !dir.join("standby.img").exists(),
+        "verify must not create the image"
+    );
+}

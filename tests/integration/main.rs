@@ -3,6 +3,8 @@
 //! reason only when the capability is truly missing; under CI they run.
 
 mod bad_input;
+mod sshd;
+mod sync;
 mod torture;
 mod track;
 mod util;

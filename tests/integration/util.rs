@@ -14,7 +14,7 @@ use std::{
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn unique(prefix: &str) -> String {
+pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}",
         std::process::id(),
@@ -61,7 +61,8 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 /// A loop device over a sparse file in /dev/shm, detached on drop.
 pub struct LoopDev {
     pub path: PathBuf,
-    backing: PathBuf,
+    /// The sparse file under the device: the truth to compare images with.
+    pub backing: PathBuf,
 }
 
 impl LoopDev {
@@ -127,6 +128,79 @@ impl LoopDev {
     pub fn arg(&self) -> &str {
         self.path.to_str().unwrap()
     }
+}
+
+/// A directory under /dev/shm, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new() -> Self {
+        let path = PathBuf::from("/dev/shm").join(unique("ferry-it-dir"));
+        std::fs::create_dir_all(&path).unwrap();
+        Self { path }
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// An ext4 filesystem on its own loop device, mounted; unmounted on drop.
+pub struct Mounted {
+    pub dir: PathBuf,
+    pub dev: LoopDev,
+}
+
+impl Mounted {
+    pub fn new(size: u64) -> Self {
+        let dev = LoopDev::new(size);
+        run("mkfs.ext4", &["-q", "-F", "-m", "0", dev.arg()]);
+        let dir = PathBuf::from("/dev/shm").join(unique("ferry-it-mnt"));
+        std::fs::create_dir_all(&dir).unwrap();
+        run("mount", &[dev.arg(), dir.to_str().unwrap()]);
+        Self { dir, dev }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Whether two files have the same bytes (`cmp`).
+pub fn same_content(a: &Path, b: &Path) -> bool {
+    Command::new("cmp")
+        .arg("-s")
+        .arg(a)
+        .arg(b)
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Writes `len` bytes of seeded pseudo-random data at `offset` (O_DIRECT).
+pub fn write_random(path: &Path, offset: u64, len: usize, seed: u64) {
+    let f = open_direct(path);
+    let mut buf = AlignedBuf::new(len);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for word in buf.as_mut().chunks_mut(8) {
+        // xorshift64*: fast, and incompressible enough for zstd.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        word.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes()[..word.len()]);
+    }
+    f.write_all_at(buf.as_ref(), offset).unwrap();
 }
 
 impl Drop for LoopDev {
