@@ -12,11 +12,17 @@ use anyhow::{bail, Context, Result};
 use crate::sys;
 use crate::util::{self, say, Cmd};
 
-/// Debian packages the tests, benches and demo use. `libllvm22` is what
-/// bpf-linker links against; it comes from bookworm-security.
+/// Debian packages the build, tests, benches and demo use. `libllvm22` is
+/// what bpf-linker links against; it comes from bookworm-security.
+/// `libssl-dev` and `pkg-config` build libssh2; `openssh-server` is the
+/// real sshd the transport tests talk to; `rsync` is a bench baseline.
 const APT_PACKAGES: &[&str] = &[
     "fio",
     "openssh-server",
+    "openssh-client",
+    "libssl-dev",
+    "pkg-config",
+    "rsync",
     "util-linux",
     "e2fsprogs",
     "xfsprogs",
