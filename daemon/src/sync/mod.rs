@@ -2,13 +2,17 @@
 //! tracked source device.
 //!
 //! ```text
-//! lock target ─▶ drain kernel bits into every target's pending set
-//!             ─▶ pending → inflight (persisted)            ┐ state lock held
-//!             ─▶ connect, handshake                        ┘ only around these
-//!             ─▶ choose: seed | incremental | checksum resync
-//!             ─▶ read (io_uring) → zstd → frames → agent
-//!             ─▶ commit g+1 ─▶ ack ─▶ record g+1, clear inflight
+//! connect, handshake            (a refused session changes nothing here)
+//!   ─▶ track the device if new, lock the target
+//!   ─▶ drain kernel bits into every target's pending set
+//!   ─▶ pending → inflight (persisted)
+//!   ─▶ choose: seed | incremental | checksum resync
+//!   ─▶ read (io_uring) → zstd → frames → agent
+//!   ─▶ record "committing g+1" ─▶ Commit g+1 ─▶ Ack ─▶ record g+1, clear inflight
 //! ```
+//!
+//! The state lock is held only around the short updates, so other ferry
+//! commands are not held up by a long transfer.
 //!
 //! Invariants:
 //! - **Clear only after acknowledgement.** The chunks a job ships sit in the
