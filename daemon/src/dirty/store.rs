@@ -142,71 +142,89 @@ impl Store {
     }
 
     pub fn record(&self, dev: DevNum) -> Result<Option<DeviceRecord>, StoreError> {
-        let path = self.base(dev).with_extension("json");
-        match fs::read(&path) {
-            Ok(text) => serde_json::from_slice(&text)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    path,
-                    source: Box::new(e),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io {
-                path,
-                op: "read",
-                source,
-            }),
-        }
+        read_json(&self.base(dev).with_extension("json"))
     }
 
     pub fn save_record(&self, dev: DevNum, rec: &DeviceRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec_pretty(rec).expect("records always serialise");
-        atomic_write(&self.base(dev).with_extension("json"), &bytes)
+        write_json(&self.base(dev).with_extension("json"), rec)
     }
 
     /// The persisted dirty set (empty if none).
     pub fn pending(&self, dev: DevNum) -> Result<RoaringBitmap, StoreError> {
-        let path = self.base(dev).with_extension("pending");
-        match fs::read(&path) {
-            Ok(bytes) => {
-                RoaringBitmap::deserialize_from(&bytes[..]).map_err(|e| StoreError::Corrupt {
-                    path,
-                    source: Box::new(e),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RoaringBitmap::new()),
-            Err(source) => Err(StoreError::Io {
-                path,
-                op: "read",
-                source,
-            }),
-        }
+        read_set(&self.base(dev).with_extension("pending"))
     }
 
     pub fn save_pending(&self, dev: DevNum, set: &RoaringBitmap) -> Result<(), StoreError> {
-        let mut bytes = Vec::with_capacity(set.serialized_size());
-        set.serialize_into(&mut bytes)
-            .expect("writing to a Vec cannot fail");
-        atomic_write(&self.base(dev).with_extension("pending"), &bytes)
+        write_set(&self.base(dev).with_extension("pending"), set)
     }
 
     /// Forgets a device entirely.
     pub fn delete(&self, dev: DevNum) -> Result<(), StoreError> {
         for ext in ["pending", "json"] {
-            let path = self.base(dev).with_extension(ext);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(StoreError::Io {
-                        path,
-                        op: "remove",
-                        source,
-                    })
-                }
-            }
+            remove(&self.base(dev).with_extension(ext))?;
         }
         sync_dir(&self.root.join("devices"))
+    }
+}
+
+/// A JSON file, or `None` if there is none.
+pub(super) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, StoreError> {
+    match fs::read(path) {
+        Ok(text) => serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                path: path.to_owned(),
+                source: Box::new(e),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_owned(),
+            op: "read",
+            source,
+        }),
+    }
+}
+
+pub(super) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec_pretty(value).expect("records always serialise");
+    atomic_write(path, &bytes)
+}
+
+/// A roaring set file; empty if there is none, an error if it is corrupt.
+pub(super) fn read_set(path: &Path) -> Result<RoaringBitmap, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => RoaringBitmap::deserialize_from(&bytes[..]).map_err(|e| StoreError::Corrupt {
+            path: path.to_owned(),
+            source: Box::new(e),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RoaringBitmap::new()),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_owned(),
+            op: "read",
+            source,
+        }),
+    }
+}
+
+pub(super) fn write_set(path: &Path, set: &RoaringBitmap) -> Result<(), StoreError> {
+    let mut bytes = Vec::with_capacity(set.serialized_size());
+    set.serialize_into(&mut bytes)
+        .expect("writing to a Vec cannot fail");
+    atomic_write(path, &bytes)
+}
+
+/// Removes `path`; a missing file is fine.
+pub(super) fn remove(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_owned(),
+            op: "remove",
+            source,
+        }),
     }
 }
 

@@ -24,7 +24,7 @@ use std::{
 use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 
-use super::store::{atomic_write, Store, StoreError};
+use super::store::{read_json, read_set, remove, write_json, write_set, Store, StoreError};
 use crate::device::DevNum;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,44 +113,15 @@ impl Store {
     }
 
     pub fn target(&self, id: &str) -> Result<Option<TargetRecord>, StoreError> {
-        let path = self.targets_dir()?.join(format!("{id}.json"));
-        match fs::read(&path) {
-            Ok(text) => serde_json::from_slice(&text)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt {
-                    path,
-                    source: Box::new(e),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io {
-                path,
-                op: "read",
-                source,
-            }),
-        }
+        read_json(&self.targets_dir()?.join(format!("{id}.json")))
     }
 
     pub fn save_target(&self, id: &str, rec: &TargetRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec_pretty(rec).expect("records always serialise");
-        atomic_write(&self.targets_dir()?.join(format!("{id}.json")), &bytes)
+        write_json(&self.targets_dir()?.join(format!("{id}.json")), rec)
     }
 
     pub fn target_set(&self, id: &str, which: Set) -> Result<RoaringBitmap, StoreError> {
-        let path = self.targets_dir()?.join(format!("{id}.{}", which.ext()));
-        match fs::read(&path) {
-            Ok(bytes) => {
-                RoaringBitmap::deserialize_from(&bytes[..]).map_err(|e| StoreError::Corrupt {
-                    path,
-                    source: Box::new(e),
-                })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RoaringBitmap::new()),
-            Err(source) => Err(StoreError::Io {
-                path,
-                op: "read",
-                source,
-            }),
-        }
+        read_set(&self.targets_dir()?.join(format!("{id}.{}", which.ext())))
     }
 
     pub fn save_target_set(
@@ -159,12 +130,9 @@ impl Store {
         which: Set,
         set: &RoaringBitmap,
     ) -> Result<(), StoreError> {
-        let mut bytes = Vec::with_capacity(set.serialized_size());
-        set.serialize_into(&mut bytes)
-            .expect("writing to a Vec cannot fail");
-        atomic_write(
+        write_set(
             &self.targets_dir()?.join(format!("{id}.{}", which.ext())),
-            &bytes,
+            set,
         )
     }
 
@@ -173,18 +141,7 @@ impl Store {
         let dir = self.targets_dir()?;
         for (id, _) in self.targets_of(dev)? {
             for ext in ["pending", "inflight", "json", "lock"] {
-                let path = dir.join(format!("{id}.{ext}"));
-                match fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => {
-                        return Err(StoreError::Io {
-                            path,
-                            op: "remove",
-                            source,
-                        })
-                    }
-                }
+                remove(&dir.join(format!("{id}.{ext}")))?;
             }
         }
         Ok(())
