@@ -358,7 +358,7 @@ pub fn run<T: Tracker>(
     while let Some(piece) = pipe.recv() {
         let piece = piece?;
         done += piece.raw_len();
-        let msg = match piece {
+        match piece {
             Piece::Data {
                 offset,
                 raw_len,
@@ -367,24 +367,22 @@ pub fn run<T: Tracker>(
                 payload,
                 permit,
             } => {
-                let msg = Message::Data(protocol::Data {
+                let codec = match codec {
+                    pipeline::Codec::Raw => protocol::Codec::Raw,
+                    pipeline::Codec::Zstd => protocol::Codec::Zstd,
+                };
+                session.send(&Message::Data(protocol::Data {
                     offset,
                     raw_len,
-                    codec: match codec {
-                        pipeline::Codec::Raw => protocol::Codec::Raw,
-                        pipeline::Codec::Zstd => protocol::Codec::Zstd,
-                    },
+                    codec,
                     data_hash,
                     payload,
-                });
-                session.send(&msg)?;
+                }))?;
+                // Its memory is free for the next read once it is on the wire.
                 drop(permit);
-                progress.set(done);
-                continue;
             }
-            Piece::Zero { offset, len } => Message::Zero { offset, len },
-        };
-        session.send(&msg)?;
+            Piece::Zero { offset, len } => session.send(&Message::Zero { offset, len })?,
+        }
         progress.set(done);
     }
     let stats = pipe.finish()?;
