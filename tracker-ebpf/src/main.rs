@@ -32,7 +32,6 @@ use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray, RingBuf},
-    helpers::bpf_probe_read_kernel,
     macros::{btf_map, btf_tracepoint},
     programs::BtfTracePointContext,
 };
@@ -83,12 +82,22 @@ fn layout() -> KernelLayout {
     unsafe { core::ptr::read_volatile(&LAYOUT) }
 }
 
-/// Reads a `T` at `base + off` in kernel memory.
+/// Loads the `T` at `base + off` in kernel memory with a plain load.
+///
+/// # Safety
+///
+/// `base` must be a BTF-typed kernel pointer (a tracepoint argument, or a
+/// pointer field loaded from one with this function) and `off` a `LAYOUT`
+/// offset of a field of type `T` in that pointer's struct. The verifier then
+/// checks the access against the kernel's BTF (the offset is a constant:
+/// `.rodata` is frozen before load) and the JIT emits a load whose fault
+/// handler yields 0, so a NULL or stale pointer reads as 0 instead of
+/// faulting. This is what a `bpf_probe_read_kernel` call would do, without the
+/// helper call.
 #[inline(always)]
-fn read<T: Copy>(base: *const u8, off: u32) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on a
-    // bad pointer; the pointer arithmetic never dereferences.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize).cast::<T>()).ok() }
+unsafe fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: see the function's contract.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
 }
 
 #[inline(always)]
@@ -144,10 +153,13 @@ fn mark(slot: &SlotRef, first: u64, last: u64) {
 /// Whole-disk `dev_t` of the bio, and its entry if the disk is tracked.
 #[inline(always)]
 fn tracked_disk(l: &KernelLayout, bio: *const u8) -> Option<(u32, &'static DiskEntry)> {
-    let bdev: *const u8 = read(bio, l.bio_bdev)?;
-    let disk: *const u8 = read(bdev, l.bdev_disk)?;
-    let major: i32 = read(disk, l.disk_major)?;
-    let minor: i32 = read(disk, l.disk_first_minor)?;
+    // SAFETY: `bio` is the tracepoint's `struct bio *`; each offset names a
+    // field of the type loaded (`load`'s contract).
+    let (major, minor) = unsafe {
+        let bdev: *const u8 = load(bio, l.bio_bdev);
+        let disk: *const u8 = load(bdev, l.bdev_disk);
+        (load::<i32>(disk, l.disk_major), load::<i32>(disk, l.disk_first_minor))
+    };
     let devt = kernel_dev(major as u32, minor as u32);
     // SAFETY: the entry is only read; the map is never mutated in place, the
     // daemon replaces whole values (RCU-protected for this run).
@@ -166,9 +178,14 @@ pub fn bio_queue(ctx: BtfTracePointContext) -> u32 {
 fn on_queue(bio: *const u8) -> Option<()> {
     let l = layout();
     let (devt, entry) = tracked_disk(&l, bio)?;
-    let opf: u32 = read(bio, l.bio_opf)?;
-    let mut sector: u64 = read(bio, l.bio_sector)?;
-    let size: u32 = read(bio, l.bio_size)?;
+    // SAFETY: as in `tracked_disk`.
+    let (opf, mut sector, size) = unsafe {
+        (
+            load::<u32>(bio, l.bio_opf),
+            load::<u64>(bio, l.bio_sector),
+            load::<u32>(bio, l.bio_size),
+        )
+    };
     let mut nr_sectors = u64::from(size >> SECTOR_SHIFT);
     let write = is_write_class(l.write_ops, opf);
     if write && opf & REQ_OP_MASK == l.op_zone_append && entry.zone_sectors != 0 {
@@ -218,17 +235,22 @@ pub fn rq_complete(ctx: BtfTracePointContext) -> u32 {
 #[inline(always)]
 fn on_rq_complete(rq: *const u8, nr_bytes: u32) -> Option<()> {
     let l = layout();
-    let q: *const u8 = read(rq, l.rq_q)?;
-    let disk: *const u8 = read(q, l.queue_disk)?;
-    let major: i32 = read(disk, l.disk_major)?;
-    let minor: i32 = read(disk, l.disk_first_minor)?;
+    // SAFETY: `rq` is the tracepoint's `struct request *`; each offset names
+    // a field of the type loaded (`load`'s contract).
+    let (major, minor) = unsafe {
+        let q: *const u8 = load(rq, l.rq_q);
+        let disk: *const u8 = load(q, l.queue_disk);
+        (load::<i32>(disk, l.disk_major), load::<i32>(disk, l.disk_first_minor))
+    };
     // SAFETY: as in `tracked_disk`.
     let entry = unsafe { DISKS.get(kernel_dev(major as u32, minor as u32)) }?;
-    let opf: u32 = read(rq, l.rq_cmd_flags)?;
+    // SAFETY: as above.
+    let opf: u32 = unsafe { load(rq, l.rq_cmd_flags) };
     if !is_write_class(l.write_ops, opf) {
         return Some(());
     }
-    let mut sector: u64 = read(rq, l.rq_sector)?;
+    // SAFETY: as above.
+    let mut sector: u64 = unsafe { load(rq, l.rq_sector) };
     let mut nr_sectors = u64::from(nr_bytes >> SECTOR_SHIFT);
     if opf & REQ_OP_MASK == l.op_zone_append && entry.zone_sectors != 0 {
         let zone = u64::from(entry.zone_sectors);
