@@ -259,6 +259,14 @@ mod tests {
     }
 
     #[test]
+    fn kernel_layout_has_no_hidden_padding() {
+        // 14 u32 fields, then the u64 `write_ops`: the Pod impl and the
+        // loader's `.rodata` override rely on every byte being a field.
+        assert_eq!(core::mem::size_of::<KernelLayout>(), 14 * 4 + 8);
+        assert_eq!(core::mem::offset_of!(KernelLayout, write_ops), 14 * 4);
+    }
+
+    #[test]
     fn kernel_dev_matches_mkdev() {
         assert_eq!(kernel_dev(7, 3), (7 << 20) | 3);
         assert_eq!(kernel_dev(259, 0x12345), (259 << 20) | 0x12345);
