@@ -101,8 +101,10 @@ pub struct Inflight {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotStats {
-    /// Bios of any kind seen on this slot's disk that overlap the slot.
-    pub events: u64,
+    /// Bios that overlap the slot but change no data (reads, flushes): seen
+    /// and ignored. Every bio the program sees is counted once, here or in
+    /// `writes`, so their sum is all bios seen on the slot.
+    pub others: u64,
     /// Write-class bios marked at submission.
     pub writes: u64,
     /// Write-class bios marked again at completion.
@@ -153,6 +155,12 @@ pub struct KernelLayout {
     pub rq_cmd_flags: u32,
     /// `offsetof(struct request_queue, disk)`.
     pub queue_disk: u32,
+    /// 1 when the CPU never satisfies a load before an earlier one (x86's
+    /// TSO). Set by the daemon for its own architecture, not read from BTF.
+    /// The completion mark then skips words whose bits are already set; see
+    /// `mark` in `tracker-ebpf`.
+    pub loads_ordered: u32,
+    pub _pad: u32,
     /// Bit `n` set when `REQ_OP` value `n` changes data (write, write-zeroes,
     /// discard, secure-erase, zone-append).
     pub write_ops: u64,
@@ -248,6 +256,14 @@ mod tests {
             dev: 0,
             _pad: 0,
         }
+    }
+
+    #[test]
+    fn kernel_layout_has_no_hidden_padding() {
+        // 14 u32 fields, then the u64 `write_ops`: the Pod impl and the
+        // loader's `.rodata` override rely on every byte being a field.
+        assert_eq!(core::mem::size_of::<KernelLayout>(), 14 * 4 + 8);
+        assert_eq!(core::mem::offset_of!(KernelLayout, write_ops), 14 * 4);
     }
 
     #[test]

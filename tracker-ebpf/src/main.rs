@@ -16,10 +16,17 @@
 //! but the completion sets the bit again before the writer is told the write
 //! finished, so the chunk is in a later drain.
 //!
-//! Device filter first: the bio's whole disk `dev_t` is looked up in `DISKS`
-//! before anything else is read, so untracked devices pay three probe reads
-//! and one hash lookup. Struct offsets are never compiled in: they come from
-//! the running kernel's BTF through the `LAYOUT` global, set at load time.
+//! Cheap filters first: `block_bio_queue` looks up the bio's whole disk
+//! `dev_t` in `DISKS` before it reads anything else, and `block_rq_complete`
+//! drops non-writes before that lookup. Kernel structs are read with plain
+//! loads through the tracepoints' BTF-typed pointers (a few nanoseconds each,
+//! no helper call), so an untracked disk costs four loads and one hash lookup.
+//! Struct offsets are never compiled in: they come from the running kernel's
+//! BTF through the `LAYOUT` global, set at load time.
+//!
+//! The hot path of a tracked write, per program run: one hash lookup, one
+//! per-CPU counter add, and per bitmap word a read, plus an atomic OR only
+//! when a bit is still clear.
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
@@ -32,7 +39,6 @@ use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     btf_maps::{Array, ArrayOfMaps, HashMap, PerCpuArray, RingBuf},
-    helpers::bpf_probe_read_kernel,
     macros::{btf_map, btf_tracepoint},
     programs::BtfTracePointContext,
 };
@@ -57,6 +63,8 @@ static LAYOUT: KernelLayout = KernelLayout {
     rq_sector: 0,
     rq_cmd_flags: 0,
     queue_disk: 0,
+    loads_ordered: 0,
+    _pad: 0,
     write_ops: 0,
 };
 
@@ -76,34 +84,83 @@ static STATS: PerCpuArray<SlotStats, { MAX_SLOTS as usize }> = PerCpuArray::new(
 #[btf_map]
 static WIDE: RingBuf<WideRecord, { WIDE_RING_BYTES as usize }> = RingBuf::new();
 
-#[inline(always)]
-fn layout() -> KernelLayout {
-    // SAFETY: LAYOUT is a plain static; the volatile read stops the compiler
-    // from folding the zero initialiser the loader replaces.
-    unsafe { core::ptr::read_volatile(&LAYOUT) }
-}
-
-/// Reads a `T` at `base + off` in kernel memory.
-#[inline(always)]
-fn read<T: Copy>(base: *const u8, off: u32) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel checks the address and fails cleanly on a
-    // bad pointer; the pointer arithmetic never dereferences.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize).cast::<T>()).ok() }
+/// One field of `LAYOUT`. The volatile read stops the compiler from folding
+/// the zero initialiser the loader replaces; the verifier still sees a
+/// constant (`.rodata` is frozen before load). Reading single fields, not
+/// the whole struct, keeps each run from loading the offsets it never uses.
+macro_rules! layout {
+    ($field:ident) => {
+        read_layout(&raw const LAYOUT.$field)
+    };
 }
 
 #[inline(always)]
-fn bump(slot: u32, field: fn(&mut SlotStats) -> &mut u64) {
-    if let Some(stats) = STATS.get_ptr_mut(slot) {
-        // SAFETY: the pointer comes from a successful map lookup and stays
-        // valid for this program run; the add is atomic because a completion
-        // in interrupt context may nest inside a submission on the same CPU.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field(&mut *stats), 1) };
+fn read_layout<T: Copy>(field: *const T) -> T {
+    // SAFETY: `field` points into LAYOUT (see `layout!`), a plain static
+    // valid for the program's lifetime.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// Loads the `T` at `base + off` in kernel memory with a plain load.
+///
+/// # Safety
+///
+/// `base` must be a BTF-typed kernel pointer (a tracepoint argument, or a
+/// pointer field loaded from one with this function) and `off` a `LAYOUT`
+/// offset of a field of type `T` in that pointer's struct. The verifier then
+/// checks the access against the kernel's BTF (the offset is a constant:
+/// `.rodata` is frozen before load) and the JIT emits a load whose fault
+/// handler yields 0, so a NULL or stale pointer reads as 0 instead of
+/// faulting. This is what a `bpf_probe_read_kernel` call would do, without the
+/// helper call.
+#[inline(always)]
+unsafe fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: see the function's contract.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
+}
+
+/// Adds one to a counter of a `STATS` value.
+#[inline(always)]
+fn count(counter: *mut u64) {
+    // SAFETY: the pointer points into a value from a successful `STATS`
+    // lookup, valid for this run; the add is atomic because another program
+    // (a completion in interrupt context) may run on this CPU between the
+    // load and the store of a plain add.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
+}
+
+/// The `STATS` value of `slot` on this CPU.
+#[inline(always)]
+fn stats(slot: u32) -> *mut SlotStats {
+    STATS.get_ptr_mut(slot).unwrap_or(core::ptr::null_mut())
+}
+
+/// Counts a lost mark: the slot needs a checksum resync.
+#[inline(always)]
+fn lost(stats: *mut SlotStats) {
+    if !stats.is_null() {
+        // SAFETY: non-null pointers come from `stats`, a successful lookup.
+        count(unsafe { &raw mut (*stats).overflows });
     }
 }
 
 /// Sets the bits of chunks `first..=last` in `slot`'s bitmap.
+///
+/// With `skip_set`, a word whose bits are all set already is only read, not
+/// written: the OR would change nothing, and not writing keeps the cache line
+/// shared by the CPUs that submit and complete writes instead of moving it
+/// back and forth on every mark (most marks find their bits set: the
+/// completion mark follows the submission mark, and hot chunks are written
+/// again and again between drains).
+///
+/// Skipping is always safe at submission: it is the completion mark that
+/// makes a drain lossless. At completion it is safe only if this read cannot
+/// be satisfied before the completion was observed, so that a bit seen set
+/// is taken by a swap that follows this read, and the daemon reads the data
+/// after that swap. x86 keeps loads in order (TSO); the daemon sets
+/// `loads_ordered` only there, and the completion marks pass it here.
 #[inline(always)]
-fn mark(slot: &SlotRef, first: u64, last: u64) {
+fn mark(slot: &SlotRef, first: u64, last: u64, stats: *mut SlotStats, skip_set: bool) {
     let first_word = first / 64;
     let last_word = last / 64;
     if last_word - first_word >= MAX_WORDS_PER_MARK {
@@ -113,15 +170,16 @@ fn mark(slot: &SlotRef, first: u64, last: u64) {
             slot: slot.slot,
             _pad: 0,
         };
-        if WIDE.output(rec, 0).is_ok() {
-            bump(slot.slot, |s| &mut s.wide);
-        } else {
-            bump(slot.slot, |s| &mut s.overflows);
+        if WIDE.output(rec, 0).is_err() {
+            lost(stats);
+        } else if !stats.is_null() {
+            // SAFETY: as in `lost`.
+            count(unsafe { &raw mut (*stats).wide });
         }
         return;
     }
     let Some(bitmap) = BITMAPS.get(slot.slot) else {
-        bump(slot.slot, |s| &mut s.overflows);
+        lost(stats);
         return;
     };
     for i in 0..MAX_WORDS_PER_MARK {
@@ -129,30 +187,60 @@ fn mark(slot: &SlotRef, first: u64, last: u64) {
         if word > last_word {
             break;
         }
-        match bitmap.get_ptr_mut(word as u32) {
-            // SAFETY: the pointer comes from a successful lookup in an array
-            // map that outlives this run; the OR is atomic, matching the
-            // daemon's atomic swap on the mmapped words.
-            Some(p) => unsafe {
-                atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, word_mask(first, last, word));
-            },
-            None => bump(slot.slot, |s| &mut s.overflows),
+        let Some(p) = bitmap.get_ptr_mut(word as u32) else {
+            lost(stats);
+            continue;
+        };
+        let mask = word_mask(first, last, word);
+        // SAFETY: the pointer comes from a successful lookup in an array map
+        // that outlives this run. The read may race with the daemon's swap;
+        // either value is fine (see above). The OR is atomic, matching the
+        // daemon's atomic swap on the mmapped words.
+        unsafe {
+            if !skip_set || core::ptr::read_volatile(p) & mask != mask {
+                atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, mask);
+            }
         }
     }
 }
 
-/// Whole-disk `dev_t` of the bio, and its entry if the disk is tracked.
+/// The entry of whole disk `devt` if the disk is tracked.
 #[inline(always)]
-fn tracked_disk(l: &KernelLayout, bio: *const u8) -> Option<(u32, &'static DiskEntry)> {
-    let bdev: *const u8 = read(bio, l.bio_bdev)?;
-    let disk: *const u8 = read(bdev, l.bdev_disk)?;
-    let major: i32 = read(disk, l.disk_major)?;
-    let minor: i32 = read(disk, l.disk_first_minor)?;
-    let devt = kernel_dev(major as u32, minor as u32);
+fn tracked(devt: u32) -> Option<&'static DiskEntry> {
     // SAFETY: the entry is only read; the map is never mutated in place, the
     // daemon replaces whole values (RCU-protected for this run).
-    let entry = unsafe { DISKS.get(devt) }?;
-    Some((devt, entry))
+    unsafe { DISKS.get(devt) }
+}
+
+/// Kernel `dev_t` of `disk`, a `struct gendisk *`.
+///
+/// # Safety
+///
+/// As for `load`: `disk` is a BTF-typed `struct gendisk *`.
+#[inline(always)]
+unsafe fn disk_devt(disk: *const u8) -> u32 {
+    // SAFETY: `major` and `first_minor` are `int` fields of `struct gendisk`
+    // (the caller's contract). Two 4-byte loads: the verifier refuses one load
+    // that spans two fields.
+    let (major, minor) = unsafe {
+        (
+            load::<i32>(disk, layout!(disk_major)),
+            load::<i32>(disk, layout!(disk_first_minor)),
+        )
+    };
+    kernel_dev(major as u32, minor as u32)
+}
+
+/// A zone append lands wherever its zone's write pointer is: the range to
+/// mark is the whole zone.
+#[inline(always)]
+fn zone_range(entry: &DiskEntry, opf: u32, sector: u64, nr_sectors: u64) -> (u64, u64) {
+    if opf & REQ_OP_MASK == layout!(op_zone_append) && entry.zone_sectors != 0 {
+        let zone = u64::from(entry.zone_sectors);
+        (sector - sector % zone, zone)
+    } else {
+        (sector, nr_sectors)
+    }
 }
 
 #[btf_tracepoint(function = "block_bio_queue")]
@@ -164,20 +252,28 @@ pub fn bio_queue(ctx: BtfTracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_queue(bio: *const u8) -> Option<()> {
-    let l = layout();
-    let (devt, entry) = tracked_disk(&l, bio)?;
-    let opf: u32 = read(bio, l.bio_opf)?;
-    let mut sector: u64 = read(bio, l.bio_sector)?;
-    let size: u32 = read(bio, l.bio_size)?;
-    let mut nr_sectors = u64::from(size >> SECTOR_SHIFT);
-    let write = is_write_class(l.write_ops, opf);
-    if write && opf & REQ_OP_MASK == l.op_zone_append && entry.zone_sectors != 0 {
-        // A zone append lands wherever the zone's write pointer is.
-        let zone = u64::from(entry.zone_sectors);
-        sector -= sector % zone;
-        nr_sectors = zone;
-    }
-    let mut lost = false;
+    // SAFETY: `bio` is the tracepoint's `struct bio *`; each offset names a
+    // field of the type loaded (`load`'s contract).
+    let devt = unsafe {
+        let bdev: *const u8 = load(bio, layout!(bio_bdev));
+        disk_devt(load(bdev, layout!(bdev_disk)))
+    };
+    let entry = tracked(devt)?;
+    // SAFETY: as above.
+    let (opf, sector, size) = unsafe {
+        (
+            load::<u32>(bio, layout!(bio_opf)),
+            load::<u64>(bio, layout!(bio_sector)),
+            load::<u32>(bio, layout!(bio_size)),
+        )
+    };
+    let write = is_write_class(layout!(write_ops), opf);
+    let (sector, nr_sectors) = if write {
+        zone_range(entry, opf, sector, u64::from(size >> SECTOR_SHIFT))
+    } else {
+        (sector, u64::from(size >> SECTOR_SHIFT))
+    };
+    let mut untracked = false;
     if write && entry.flags & DISK_RQ_BASED == 0 {
         let rec = Inflight {
             sector,
@@ -185,7 +281,7 @@ fn on_queue(bio: *const u8) -> Option<()> {
             disk: devt,
             _pad: 0,
         };
-        lost = INFLIGHT.insert(bio as u64, rec, 0).is_err();
+        untracked = INFLIGHT.insert(bio as u64, rec, 0).is_err();
     }
     for i in 0..MAX_SLOTS_PER_DISK {
         if i as u32 >= entry.count {
@@ -195,16 +291,44 @@ fn on_queue(bio: *const u8) -> Option<()> {
         let Some((first, last)) = chunk_span(slot, sector, nr_sectors) else {
             continue;
         };
-        bump(slot.slot, |s| &mut s.events);
-        if write {
-            bump(slot.slot, |s| &mut s.writes);
-            mark(slot, first, last);
-            if lost {
-                bump(slot.slot, |s| &mut s.overflows);
+        let stats = stats(slot.slot);
+        if !write {
+            if !stats.is_null() {
+                // SAFETY: as in `lost`.
+                count(unsafe { &raw mut (*stats).others });
             }
+            continue;
+        }
+        if !stats.is_null() {
+            // SAFETY: as in `lost`.
+            count(unsafe { &raw mut (*stats).writes });
+        }
+        mark(slot, first, last, stats, true);
+        if untracked {
+            lost(stats);
         }
     }
     Some(())
+}
+
+/// The completion mark of a write to `entry`'s disk.
+#[inline(always)]
+fn on_completed(entry: &DiskEntry, sector: u64, nr_sectors: u64) {
+    let skip_set = layout!(loads_ordered) != 0;
+    for i in 0..MAX_SLOTS_PER_DISK {
+        if i as u32 >= entry.count {
+            break;
+        }
+        let slot = &entry.slots[i];
+        if let Some((first, last)) = chunk_span(slot, sector, nr_sectors) {
+            let stats = stats(slot.slot);
+            if !stats.is_null() {
+                // SAFETY: as in `lost`.
+                count(unsafe { &raw mut (*stats).completions });
+            }
+            mark(slot, first, last, stats, skip_set);
+        }
+    }
 }
 
 #[btf_tracepoint(function = "block_rq_complete")]
@@ -217,62 +341,41 @@ pub fn rq_complete(ctx: BtfTracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_rq_complete(rq: *const u8, nr_bytes: u32) -> Option<()> {
-    let l = layout();
-    let q: *const u8 = read(rq, l.rq_q)?;
-    let disk: *const u8 = read(q, l.queue_disk)?;
-    let major: i32 = read(disk, l.disk_major)?;
-    let minor: i32 = read(disk, l.disk_first_minor)?;
-    // SAFETY: as in `tracked_disk`.
-    let entry = unsafe { DISKS.get(kernel_dev(major as u32, minor as u32)) }?;
-    let opf: u32 = read(rq, l.rq_cmd_flags)?;
-    if !is_write_class(l.write_ops, opf) {
-        return Some(());
+    // SAFETY: `rq` is the tracepoint's `struct request *`; each offset names
+    // a field of the type loaded (`load`'s contract).
+    let opf: u32 = unsafe { load(rq, layout!(rq_cmd_flags)) };
+    // The op first: reads (and flushes) of every disk stop here, before the
+    // disk lookup.
+    if !is_write_class(layout!(write_ops), opf) {
+        return None;
     }
-    let mut sector: u64 = read(rq, l.rq_sector)?;
-    let mut nr_sectors = u64::from(nr_bytes >> SECTOR_SHIFT);
-    if opf & REQ_OP_MASK == l.op_zone_append && entry.zone_sectors != 0 {
-        let zone = u64::from(entry.zone_sectors);
-        sector -= sector % zone;
-        nr_sectors = zone;
-    }
-    for i in 0..MAX_SLOTS_PER_DISK {
-        if i as u32 >= entry.count {
-            break;
-        }
-        let slot = &entry.slots[i];
-        if let Some((first, last)) = chunk_span(slot, sector, nr_sectors) {
-            bump(slot.slot, |s| &mut s.completions);
-            mark(slot, first, last);
-        }
-    }
+    // SAFETY: as above.
+    let devt = unsafe {
+        let q: *const u8 = load(rq, layout!(rq_q));
+        disk_devt(load(q, layout!(queue_disk)))
+    };
+    let entry = tracked(devt)?;
+    // SAFETY: as above.
+    let sector: u64 = unsafe { load(rq, layout!(rq_sector)) };
+    let (sector, nr_sectors) = zone_range(entry, opf, sector, u64::from(nr_bytes >> SECTOR_SHIFT));
+    on_completed(entry, sector, nr_sectors);
     Some(())
 }
 
 #[btf_tracepoint(function = "block_bio_complete")]
 pub fn bio_complete(ctx: BtfTracePointContext) -> u32 {
     let bio: *const u8 = ctx.arg(1);
-    on_complete(bio);
+    on_bio_complete(bio);
     0
 }
 
 #[inline(always)]
-fn on_complete(bio: *const u8) -> Option<()> {
+fn on_bio_complete(bio: *const u8) -> Option<()> {
     let key = bio as u64;
     // SAFETY: read-only access to a value that is copied out at once.
     let rec = *unsafe { INFLIGHT.get(key) }?;
     let _ = INFLIGHT.remove(key);
-    // SAFETY: as in `tracked_disk`.
-    let entry = unsafe { DISKS.get(rec.disk) }?;
-    for i in 0..MAX_SLOTS_PER_DISK {
-        if i as u32 >= entry.count {
-            break;
-        }
-        let slot = &entry.slots[i];
-        if let Some((first, last)) = chunk_span(slot, rec.sector, rec.nr_sectors) {
-            bump(slot.slot, |s| &mut s.completions);
-            mark(slot, first, last);
-        }
-    }
+    on_completed(tracked(rec.disk)?, rec.sector, rec.nr_sectors);
     Some(())
 }
 

@@ -260,6 +260,10 @@ impl Btf {
             rq_sector: self.member_offset("request", "__sector")?,
             rq_cmd_flags: self.member_offset("request", "cmd_flags")?,
             queue_disk: self.member_offset("request_queue", "disk")?,
+            // Not in BTF: the daemon runs on the kernel's own CPU, and x86
+            // (TSO) never satisfies a load before an earlier one.
+            loads_ordered: u32::from(cfg!(any(target_arch = "x86_64", target_arch = "x86"))),
+            _pad: 0,
             write_ops,
         })
     }

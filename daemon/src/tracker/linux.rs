@@ -358,7 +358,7 @@ impl Loaded {
     fn counters(&self, slot: u32) -> Result<Counters, TrackerError> {
         let values = self.stats.get(&slot, 0).map_err(map_err("STATS", "read"))?;
         Ok(values.iter().fold(Counters::default(), |c, s| Counters {
-            events: c.events + s.events,
+            events: c.events + s.others + s.writes,
             writes: c.writes + s.writes,
             completions: c.completions + s.completions,
             overflows: c.overflows + s.overflows,
