@@ -170,6 +170,7 @@ impl<T: Tracker> Tracking<T> {
             epoch,
             needs_resync: (!quiet).then(|| "writes in flight when tracking began".to_owned()),
             overflows_seen: 0,
+            missed_runs_seen: self.tracker.missed_runs()?,
             draining: false,
             added_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -346,6 +347,16 @@ impl<T: Tracker> Tracking<T> {
                 rec.overflows_seen = slot.counters.overflows;
             }
         }
+        if !lost {
+            let missed = self.tracker.missed_runs()?;
+            if missed > rec.missed_runs_seen {
+                let n = missed - rec.missed_runs_seen;
+                reason.get_or_insert_with(|| {
+                    format!("missed marks ({n} tracker runs skipped by the kernel)")
+                });
+                rec.missed_runs_seen = missed;
+            }
+        }
         if lost {
             self.rearm(rec)?;
         }
@@ -392,6 +403,7 @@ impl<T: Tracker> Tracking<T> {
         let _ = self.tracker.remove(dev);
         rec.epoch = self.tracker.add(&TrackSpec { device, chunk })?;
         rec.overflows_seen = 0;
+        rec.missed_runs_seen = self.tracker.missed_runs()?;
         Ok(())
     }
 

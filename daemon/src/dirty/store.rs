@@ -67,6 +67,9 @@ pub struct DeviceRecord {
     pub needs_resync: Option<String>,
     /// Overflow counter value already accounted for.
     pub overflows_seen: u64,
+    /// The programs' skipped-run count already accounted for.
+    #[serde(default)]
+    pub missed_runs_seen: u64,
     /// Set while a drain is between taking the kernel's bits and persisting
     /// them; found set, it means a drain was cut short.
     pub draining: bool,
@@ -292,6 +295,7 @@ mod tests {
             },
             needs_resync: None,
             overflows_seen: 0,
+            missed_runs_seen: 0,
             draining: false,
             added_at: 1,
             source_id: None,

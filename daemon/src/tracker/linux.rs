@@ -553,6 +553,24 @@ impl Tracker for LinuxTracker {
         Ok(())
     }
 
+    fn missed_runs(&mut self) -> Result<u64, TrackerError> {
+        if self.open()?.is_none() {
+            return Ok(0);
+        }
+        let mut total = 0;
+        for (name, _) in PROGRAMS {
+            let pin = self.pin(&format!("prog_{name}"));
+            total += crate::sys::bpf::prog_recursion_misses(&pin).map_err(|source| {
+                TrackerError::Pin {
+                    path: pin.display().to_string(),
+                    op: "read program info",
+                    source,
+                }
+            })?;
+        }
+        Ok(total)
+    }
+
     fn stats(&mut self) -> Result<Vec<ProgramStats>, TrackerError> {
         if self.open()?.is_none() {
             return Ok(Vec::new());

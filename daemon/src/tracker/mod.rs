@@ -199,6 +199,10 @@ pub trait Tracker {
     fn reclaim(&mut self, dev: DevNum, set: &RoaringBitmap) -> Result<(), TrackerError>;
     /// Cost of the programs.
     fn stats(&mut self) -> Result<Vec<ProgramStats>, TrackerError>;
+    /// Program runs the kernel skipped since the load (a tracepoint that
+    /// fired again while the program ran on that CPU): marks that may be
+    /// missing on any device.
+    fn missed_runs(&mut self) -> Result<u64, TrackerError>;
 }
 
 #[cfg(test)]
