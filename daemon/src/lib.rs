@@ -9,6 +9,7 @@
 //! - [`protocol`]: the frames between source and target;
 //! - [`agent`]: the target side, applying frames to a standby image;
 //! - [`hash`]: block hashes for checksum resync and frame content;
+//! - [`image`]: standby images in raw, qcow2, VMDK and VHDX, with boot points;
 //! - [`sync`]: one job that brings a target image up to date, and `verify`;
 //! - [`pipeline`]: io_uring reads, zero detection and the zstd pool;
 //! - [`throttle`]: rate limits and I/O priority;
@@ -19,6 +20,7 @@ pub mod agent;
 pub mod device;
 pub mod dirty;
 pub mod hash;
+pub mod image;
 pub mod pipeline;
 pub mod protocol;
 pub mod sync;

@@ -1,0 +1,260 @@
+//! Standby images in each hypervisor's own format, with boot points.
+//!
+//! | format | working image | boot points |
+//! |---|---|---|
+//! | raw | sparse file | reflink clones (xfs, btrfs), else full copies |
+//! | qcow2 | qcow2 | internal snapshots `VYYYYMMDD_hhmmss` |
+//! | vmdk | monolithicFlat base + `.vmx` | sparse delta chain, read-only once taken |
+//! | vhdx | dynamic VHDX | AVHDX differencing chain, read-only once taken |
+//!
+//! Every format sits behind [`Standby`]; the agent never knows which one it
+//! writes. Every file a format touches is opened through [`Dir`], which
+//! resolves names beneath the image's directory only (`openat2` with
+//! `RESOLVE_BENEATH`), so no format can write outside the agent's root.
+//!
+//! Invariant 4: a boot point never changes once taken. Retention merges the
+//! two oldest into one that holds the newer one's content, and leaves every
+//! other boot point as it was.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, OwnedFd},
+    path::Path,
+    str::FromStr,
+};
+
+use crate::sys::fs::{self as sysfs, Open};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{file}: {op} failed")]
+    Io {
+        file: String,
+        op: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{file}: corrupt {format} image: {reason}")]
+    Corrupt {
+        file: String,
+        format: &'static str,
+        reason: String,
+    },
+    #[error("{file}: {format} feature not supported: {what}")]
+    Unsupported {
+        file: String,
+        format: &'static str,
+        what: String,
+    },
+    #[error("no boot point named {name:?}")]
+    NoSuchBootPoint { name: String },
+    #[error("a boot point named {name:?} already exists")]
+    BootPointExists { name: String },
+    #[error("{format} images keep at most {max} boot points")]
+    TooManyBootPoints { format: &'static str, max: usize },
+    #[error("write of {len} bytes at offset {offset} is beyond the {size}-byte image")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+}
+
+impl ImageError {
+    pub fn io(file: &str, op: impl Into<String>) -> impl FnOnce(io::Error) -> ImageError {
+        let file = file.to_owned();
+        let op = op.into();
+        move |source| ImageError::Io { file, op, source }
+    }
+}
+
+/// The on-disk format of a standby image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+    Vmdk,
+    Vhdx,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
+            Format::Vhdx => "vhdx",
+        }
+    }
+
+    /// The format an image name implies: `.qcow2`, `.vmdk`, `.vhdx`, and raw
+    /// for anything else (`.img`, `.raw`, no extension).
+    pub fn from_name(name: &str) -> Format {
+        match Path::new(name).extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("qcow2") => Format::Qcow2,
+            Some(e) if e.eq_ignore_ascii_case("vmdk") => Format::Vmdk,
+            Some(e) if e.eq_ignore_ascii_case("vhdx") => Format::Vhdx,
+            _ => Format::Raw,
+        }
+    }
+
+    /// Most boot points the format keeps (qcow2: what KVM tooling handles
+    /// comfortably; the others: the product limit).
+    pub fn max_boot_points(self) -> usize {
+        match self {
+            Format::Qcow2 => 22,
+            _ => 30,
+        }
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            "vmdk" => Ok(Format::Vmdk),
+            "vhdx" => Ok(Format::Vhdx),
+            other => Err(format!(
+                "unknown image format {other:?} (known: raw, qcow2, vmdk, vhdx)"
+            )),
+        }
+    }
+}
+
+/// A standby image: the working copy the source writes into, and its boot
+/// points, oldest first.
+pub trait Standby: Send {
+    /// Size of the disk the image holds, in bytes.
+    fn size(&self) -> u64;
+    /// Writes `data` at `offset` of the working image.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError>;
+    /// Makes `[offset, offset + len)` of the working image read as zeroes,
+    /// freeing space where the format can.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ImageError>;
+    /// Reads the working image (unallocated ranges read as zeroes).
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError>;
+    /// Makes everything written so far durable (data and metadata).
+    fn flush(&mut self) -> Result<(), ImageError>;
+    /// Freezes the working image's current content as boot point `name`.
+    /// Later writes never change it.
+    fn create_boot_point(&mut self, name: &str) -> Result<(), ImageError>;
+    /// Names of the boot points, oldest first.
+    fn boot_points(&self) -> Vec<String>;
+    /// Makes the working image equal boot point `name` (which stays).
+    fn revert_to(&mut self, name: &str) -> Result<(), ImageError>;
+    /// Removes boot point `name`; the working image and the others keep
+    /// their content.
+    fn delete_boot_point(&mut self, name: &str) -> Result<(), ImageError>;
+    /// Merges the two oldest boot points into one with the newer one's name
+    /// and content; the other boot points and the working image keep theirs.
+    fn merge_oldest(&mut self) -> Result<(), ImageError>;
+}
+
+/// The directory an image and its companion files live in. Every name is
+/// resolved beneath it; `..`, absolute names and symlinks that lead out
+/// are refused by the kernel.
+pub struct Dir {
+    fd: OwnedFd,
+}
+
+impl Dir {
+    pub fn new(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
+    pub fn open(path: &Path) -> io::Result<Self> {
+        Ok(Self {
+            fd: sysfs::open_dir(path)?,
+        })
+    }
+
+    /// An existing file, for reading.
+    pub fn open_read(&self, name: &str) -> io::Result<File> {
+        sysfs::open_beneath(self.fd.as_fd(), Path::new(name), Open::Read)
+    }
+
+    /// An existing file, for reading and writing.
+    pub fn open_rw(&self, name: &str) -> io::Result<File> {
+        sysfs::open_beneath(self.fd.as_fd(), Path::new(name), Open::ReadWrite)
+    }
+
+    /// A new file (mode 0600); fails if `name` exists.
+    pub fn create(&self, name: &str) -> io::Result<File> {
+        sysfs::open_beneath(
+            self.fd.as_fd(),
+            Path::new(name),
+            Open::CreateNew { mode: 0o600 },
+        )
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.open_read(name).is_ok()
+    }
+
+    /// Renames within the directory, replacing `to`.
+    pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        sysfs::rename_in(self.fd.as_fd(), from, to)
+    }
+
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        sysfs::unlink_in(self.fd.as_fd(), name)
+    }
+
+    /// Makes renames and removals durable.
+    pub fn sync(&self) -> io::Result<()> {
+        sysfs::open_beneath(self.fd.as_fd(), Path::new("."), Open::Dir)?.sync_all()
+    }
+}
+
+/// The boot point name for a Unix time: `VYYYYMMDD_hhmmss` (UTC), as KVM
+/// admins know it from `qemu-img snapshot -l`.
+pub fn boot_point_name(unix_secs: u64) -> String {
+    let days = unix_secs / 86_400;
+    let rem = unix_secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "V{y:04}{m:02}{d:02}_{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
+/// algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_point_names_are_utc_timestamps() {
+        assert_eq!(boot_point_name(0), "V19700101_000000");
+        // 2026-11-21 21:47:05 UTC
+        assert_eq!(boot_point_name(1_795_297_625), "V20261121_214705");
+        // A leap day.
+        assert_eq!(boot_point_name(951_782_400), "V20000229_000000");
+    }
+
+    #[test]
+    fn formats_follow_the_extension() {
+        assert_eq!(Format::from_name("web.qcow2"), Format::Qcow2);
+        assert_eq!(Format::from_name("a/b/web.VMDK"), Format::Vmdk);
+        assert_eq!(Format::from_name("web.vhdx"), Format::Vhdx);
+        assert_eq!(Format::from_name("web.img"), Format::Raw);
+        assert_eq!(Format::from_name("web"), Format::Raw);
+        assert!("qcow3".parse::<Format>().is_err());
+    }
+}
