@@ -13,9 +13,11 @@
 //! O_DIRECT) and pushing the same bytes through `ssh 'cat > /dev/null'`.
 //!
 //! Everything is timed by wall clock, connecting included. Goals are printed,
-//! not asserted; a standby or baseline copy that ends up different from the
-//! source is an error, since its time would mean nothing.
+//! not asserted. Every copy is checked against the source (the standby with
+//! `ferry verify` and with `cmp`, the baselines with `cmp`): a copy that
+//! differs is an error, since its time would mean nothing.
 
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -104,11 +106,14 @@ pub fn run(args: &SyncArgs) -> Result<()> {
     let target_dir = work.join("target");
     fs::create_dir(&target_dir)
         .with_context(|| format!("creating {} failed", target_dir.display()))?;
-    let image = sshd.url(&target_dir.join("standby.img"));
-    let ssh_args = sshd.ferry_args();
+    let image = Standby {
+        url: sshd.url(&target_dir.join("standby.img")),
+        path: target_dir.join("standby.img"),
+        ssh_args: sshd.ferry_args(),
+    };
 
     util::step("seeding the standby image over ssh (a full copy; all-zero chunks are skipped)");
-    let seed = standby::sync(&rig, &device, &image, &ssh_args)?;
+    let seed = image.sync(&rig, &device)?;
     expect_mode(&seed, "seed")?;
 
     util::step("copying the backing file for rsync to update: the source before the churn");
@@ -134,15 +139,12 @@ pub fn run(args: &SyncArgs) -> Result<()> {
     };
     util::step(&format!("{churn}: ferry incremental sync over ssh"));
     let ferry_churn = runner.attempt("ferry incremental sync after the churn", || {
-        let report = standby::sync(&rig, &device, &image, &ssh_args)?;
+        let report = image.sync(&rig, &device)?;
         expect_mode(&report, "incremental")?;
         Ok(report)
     })?;
     if ferry_churn.is_some() {
-        util::step("checking the standby image against the source");
-        runner.attempt("ferry verify after the churn", || {
-            standby::verify(&rig, &device, &image, &ssh_args)?.require_identical()
-        })?;
+        image.check(&mut runner, &rig, &device, &source, "the churn")?;
     }
 
     util::step(&format!(
@@ -164,15 +166,12 @@ pub fn run(args: &SyncArgs) -> Result<()> {
     workload::overwrite(&device, bytes, &mut rng)?;
     util::step("100% churn: ferry incremental sync over ssh");
     let ferry_all = runner.attempt("ferry incremental sync after the overwrite", || {
-        let report = standby::sync(&rig, &device, &image, &ssh_args)?;
+        let report = image.sync(&rig, &device)?;
         expect_mode(&report, "incremental")?;
         Ok(report)
     })?;
     if ferry_all.is_some() {
-        util::step("checking the standby image against the source");
-        runner.attempt("ferry verify after the overwrite", || {
-            standby::verify(&rig, &device, &image, &ssh_args)?.require_identical()
-        })?;
+        image.check(&mut runner, &rig, &device, &source, "the overwrite")?;
     }
     util::step("physical limit: reading the source (fio, O_DIRECT, 1 MiB reads, 16 in flight)");
     let read = runner.attempt("reading the source", || read_device(&device))?;
@@ -195,6 +194,47 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         pipe,
     });
     runner.finish()
+}
+
+/// The standby image on the bench's sshd (which is this host).
+struct Standby {
+    url: String,
+    path: PathBuf,
+    /// ferry's options to log in to the sshd.
+    ssh_args: Vec<OsString>,
+}
+
+impl Standby {
+    fn sync(&self, rig: &Rig, device: &str) -> Result<SyncReport> {
+        standby::sync(rig, device, &self.url, &self.ssh_args)
+    }
+
+    /// Checks the image twice: with `ferry verify`, as a user would, and
+    /// with `cmp` against the source's backing file, which shares no code
+    /// with ferry.
+    fn check(
+        &self,
+        runner: &mut Runner,
+        rig: &Rig,
+        device: &str,
+        source: &Path,
+        after: &str,
+    ) -> Result<()> {
+        util::step("checking the standby image against the source");
+        runner.attempt(&format!("ferry verify after {after}"), || {
+            standby::verify(rig, device, &self.url, &self.ssh_args)?.require_identical()
+        })?;
+        runner.attempt(&format!("cmp after {after}"), || {
+            Cmd::new("cmp")
+                .arg(source)
+                .arg(&self.path)
+                .output()
+                .context("the standby image does not match the source")?;
+            say!("the standby image is byte for byte the source");
+            Ok(())
+        })?;
+        Ok(())
+    }
 }
 
 /// A ferry run that was not of the expected kind measured something else.
