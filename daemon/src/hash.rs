@@ -28,6 +28,25 @@ pub fn data_hash(bytes: &[u8]) -> u64 {
 /// xxh3-128 of each `block`-sized piece of `[offset, offset + len)` of
 /// `file`, the last piece possibly shorter, computed by `threads` workers.
 ///
+/// xxh3-128 of each `block`-sized piece of `buf` (the last may be shorter),
+/// on `threads` threads; the same values [`hash_blocks`] gives for the same
+/// bytes.
+pub fn hash_buffer(buf: &[u8], block: u32, threads: usize) -> Vec<u128> {
+    let pieces: Vec<&[u8]> = buf.chunks(block as usize).collect();
+    let mut out = vec![0u128; pieces.len()];
+    let per = pieces.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|s| {
+        for (outs, ins) in out.chunks_mut(per).zip(pieces.chunks(per)) {
+            s.spawn(move || {
+                for (o, i) in outs.iter_mut().zip(ins) {
+                    *o = xxh3_128(i);
+                }
+            });
+        }
+    });
+    out
+}
+
 /// `offset` and `block` must be multiples of 4096 and `len` a multiple of 512
 /// (what `O_DIRECT` needs). A file that ends before `offset + len` is an
 /// error (`UnexpectedEof`), not zeros.

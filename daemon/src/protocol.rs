@@ -99,6 +99,8 @@ pub enum Kind {
     HashRequest = 7,
     HashReply = 8,
     Error = 9,
+    Manage = 10,
+    Managed = 11,
 }
 
 impl TryFrom<u16> for Kind {
@@ -115,6 +117,8 @@ impl TryFrom<u16> for Kind {
             7 => Self::HashRequest,
             8 => Self::HashReply,
             9 => Self::Error,
+            10 => Self::Manage,
+            11 => Self::Managed,
             _ => return Err(v),
         })
     }
@@ -154,6 +158,7 @@ pub enum ErrorCode {
     Io = 8,
     Busy = 9,
     Internal = 10,
+    NoSuchBootPoint = 11,
 }
 
 impl TryFrom<u16> for ErrorCode {
@@ -171,6 +176,7 @@ impl TryFrom<u16> for ErrorCode {
             8 => Self::Io,
             9 => Self::Busy,
             10 => Self::Internal,
+            11 => Self::NoSuchBootPoint,
             _ => return Err(v),
         })
     }
@@ -189,6 +195,7 @@ impl std::fmt::Display for ErrorCode {
             Self::Io => "I/O error",
             Self::Busy => "image busy",
             Self::Internal => "internal error",
+            Self::NoSuchBootPoint => "no such boot point",
         })
     }
 }
@@ -207,6 +214,55 @@ pub struct Hello {
     /// Only compare (`ferry verify`): the agent creates, locks and changes
     /// nothing, checks no source identity, and answers only hash requests.
     pub read_only: bool,
+    /// Manage boot points (`ferry boot-points`): the image must exist, no
+    /// source identity is checked or claimed, and no data is accepted.
+    pub manage: bool,
+    /// Image format: 0 = as the image name's extension says, else
+    /// [`FORMATS`]`[format - 1]`.
+    pub format: u8,
+}
+
+/// Format names in the order of [`Hello::format`] (1-based).
+pub const FORMATS: [&str; 4] = ["raw", "qcow2", "vmdk", "vhdx"];
+
+/// What a [`Message::Manage`] asks for.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManageOp {
+    /// Reply with the boot points.
+    List = 1,
+    /// Take a boot point of the last committed generation.
+    Create = 2,
+    /// Make the working image equal a boot point.
+    Revert = 3,
+    Delete = 4,
+}
+
+impl TryFrom<u8> for ManageOp {
+    type Error = u8;
+
+    fn try_from(v: u8) -> Result<Self, u8> {
+        Ok(match v {
+            1 => Self::List,
+            2 => Self::Create,
+            3 => Self::Revert,
+            4 => Self::Delete,
+            _ => return Err(v),
+        })
+    }
+}
+
+/// A boot point request (source to agent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manage {
+    pub op: ManageOp,
+    /// The boot point (Create, Revert, Delete).
+    pub name: String,
+    /// Create: the source's filesystems were frozen (app-consistent).
+    pub app_consistent: bool,
+    /// Create: the most boot points to keep; the two oldest are merged
+    /// first when there are that many.
+    pub max_boot_points: u16,
 }
 
 /// The agent's answer to an accepted `Hello`.
@@ -265,6 +321,12 @@ pub enum Message {
         code: ErrorCode,
         message: String,
     },
+    Manage(Manage),
+    /// The agent's answer to `Manage`: the boot points afterwards, as JSON
+    /// (`agent::BootPointList`).
+    Managed {
+        json: String,
+    },
 }
 
 impl Message {
@@ -279,6 +341,8 @@ impl Message {
             Self::HashRequest { .. } => Kind::HashRequest,
             Self::HashReply { .. } => Kind::HashReply,
             Self::Error { .. } => Kind::Error,
+            Self::Manage(_) => Kind::Manage,
+            Self::Managed { .. } => Kind::Managed,
         }
     }
 }
@@ -485,7 +549,10 @@ fn encode_payload(msg: &Message, b: &mut Vec<u8>) {
             b.extend_from_slice(&h.source_id);
             b.extend_from_slice(&h.device_size.to_le_bytes());
             b.extend_from_slice(&h.chunk_size.to_le_bytes());
-            b.push(u8::from(h.force_new_source) | u8::from(h.read_only) << 1);
+            b.push(
+                u8::from(h.force_new_source) | u8::from(h.read_only) << 1 | u8::from(h.manage) << 2,
+            );
+            b.push(h.format);
             b.extend_from_slice(h.image.as_bytes());
         }
         Message::Welcome(w) => {
@@ -533,6 +600,13 @@ fn encode_payload(msg: &Message, b: &mut Vec<u8>) {
             b.extend_from_slice(&(*code as u16).to_le_bytes());
             b.extend_from_slice(message.as_bytes());
         }
+        Message::Manage(m) => {
+            b.push(m.op as u8);
+            b.push(u8::from(m.app_consistent));
+            b.extend_from_slice(&m.max_boot_points.to_le_bytes());
+            b.extend_from_slice(m.name.as_bytes());
+        }
+        Message::Managed { json } => b.extend_from_slice(json.as_bytes()),
     }
 }
 
@@ -620,7 +694,8 @@ fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, ProtocolError> 
                 let device_size = f.u64()?;
                 let chunk_size = f.u32()?;
                 let flags = f.u8()?;
-                if flags & !0b11 != 0 {
+                let format = f.u8()?;
+                if flags & !0b111 != 0 || usize::from(format) > FORMATS.len() {
                     return Err(ProtocolError::Malformed {
                         kind,
                         reason: "unknown Hello flags",
@@ -633,6 +708,8 @@ fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, ProtocolError> 
                     chunk_size,
                     force_new_source: flags & 1 != 0,
                     read_only: flags & 2 != 0,
+                    manage: flags & 4 != 0,
+                    format,
                     image: f.string()?,
                 })
             })();
@@ -712,6 +789,18 @@ fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, ProtocolError> 
                 message: f.string()?,
             }
         }
+        Kind::Manage => {
+            let op = ManageOp::try_from(f.u8()?).map_err(|_| f.malformed("unknown manage op"))?;
+            let app_consistent = f.bool()?;
+            let max_boot_points = f.u16()?;
+            Message::Manage(Manage {
+                op,
+                name: f.string()?,
+                app_consistent,
+                max_boot_points,
+            })
+        }
+        Kind::Managed => Message::Managed { json: f.string()? },
     };
     f.end()?;
     Ok(msg)
@@ -789,10 +878,19 @@ mod tests {
                 any::<u32>(),
                 ".{0,40}",
                 any::<bool>(),
-                any::<bool>()
+                any::<bool>(),
+                (any::<bool>(), 0u8..=4)
             )
                 .prop_map(
-                    |(source_id, device_size, chunk_size, image, force, read_only)| {
+                    |(
+                        source_id,
+                        device_size,
+                        chunk_size,
+                        image,
+                        force,
+                        read_only,
+                        (manage, format),
+                    )| {
                         Message::Hello(Hello {
                             version: VERSION,
                             source_id,
@@ -801,6 +899,8 @@ mod tests {
                             image,
                             force_new_source: force,
                             read_only,
+                            manage,
+                            format,
                         })
                     }
                 ),
@@ -1005,6 +1105,8 @@ mod tests {
             image: "x".into(),
             force_new_source: false,
             read_only: false,
+            manage: false,
+            format: 0,
         };
         assert_eq!(
             round_trip(&Message::Hello(hello.clone())),

@@ -10,21 +10,16 @@
 use std::{
     fs::File,
     io,
-    os::{
-        fd::{AsFd, BorrowedFd, OwnedFd},
-        unix::fs::FileExt,
-    },
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Component, Path},
 };
 
 use super::{record, AgentError};
 use crate::{
+    image::Format,
     protocol::ErrorCode,
     sys::fs::{self as sysfs, Open},
 };
-
-/// Zero buffer for filesystems that cannot punch holes.
-const ZERO_CHUNK: usize = 1 << 20;
 
 pub(super) struct Image {
     /// The path the source named, relative to the root, for messages.
@@ -42,16 +37,23 @@ impl Image {
     /// Opens, or creates empty, the image `name` beneath `root` and takes its
     /// lock. Nothing outside `root` is touched; a refused name creates nothing.
     pub fn open(root: &Path, name: &str) -> Result<Self, AgentError> {
-        Self::open_as(root, name, false)
+        Self::open_as(root, name, Mode::Write)
     }
 
     /// Opens an existing image for reading only, without its lock (for
     /// `ferry verify`). Creates nothing.
     pub fn open_read_only(root: &Path, name: &str) -> Result<Self, AgentError> {
-        Self::open_as(root, name, true)
+        Self::open_as(root, name, Mode::ReadOnly)
     }
 
-    fn open_as(root: &Path, name: &str, read_only: bool) -> Result<Self, AgentError> {
+    /// Opens an existing image with its lock, creating nothing (for
+    /// `ferry boot-points`).
+    pub fn open_existing(root: &Path, name: &str) -> Result<Self, AgentError> {
+        Self::open_as(root, name, Mode::Existing)
+    }
+
+    fn open_as(root: &Path, name: &str, mode: Mode) -> Result<Self, AgentError> {
+        let read_only = mode == Mode::ReadOnly;
         let (parent, file_name) = split_name(name)?;
         let root_fd = sysfs::open_dir(root).map_err(|e| {
             AgentError::refused_by(
@@ -109,7 +111,7 @@ impl Image {
             },
         ) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && read_only => {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && mode != Mode::Write => {
                 return Err(AgentError::refused(
                     ErrorCode::Io,
                     format!("image {name} does not exist"),
@@ -164,6 +166,40 @@ impl Image {
         }
     }
 
+    /// The directory the image lives in, for its format's files.
+    pub fn dir_handle(&self) -> Result<crate::image::Dir, AgentError> {
+        self.dir
+            .try_clone()
+            .map(crate::image::Dir::new)
+            .map_err(|e| self.io_err("duplicate the directory handle", e))
+    }
+
+    /// The image's file name within its directory.
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+
+    /// Replaces the (empty) image file with a new image of `format` holding
+    /// a `size`-byte disk, and takes the new file's lock.
+    pub fn recreate(&mut self, format: Format, size: u64) -> Result<(), AgentError> {
+        let dir = self.dir_handle()?;
+        sysfs::unlink_in(self.dir.as_fd(), &self.file_name)
+            .map_err(|e| self.io_err("remove the empty image", e))?;
+        crate::image::create(format, &dir, &self.file_name, size).map_err(super::image_error)?;
+        let file = dir
+            .open_rw(&self.file_name)
+            .map_err(|e| self.io_err("open", e))?;
+        if !sysfs::try_lock_exclusive(&file).map_err(|e| self.io_err("lock", e))? {
+            return Err(AgentError::refused(
+                ErrorCode::Busy,
+                format!("{} is in use by another ferry session", self.name),
+            ));
+        }
+        let _ = sysfs::unlock(&self.file);
+        self.file = file;
+        Ok(())
+    }
+
     pub fn len(&self) -> Result<u64, AgentError> {
         self.file
             .metadata()
@@ -185,67 +221,24 @@ impl Image {
             .map_err(|e| self.io_err(&format!("extend to {len} bytes"), e))
     }
 
-    pub fn write_at(&self, bytes: &[u8], offset: u64) -> Result<(), AgentError> {
-        self.file
-            .write_all_at(bytes, offset)
-            .map_err(|e| self.write_err(offset, bytes.len() as u64, e))
-    }
-
-    /// Makes `[offset, offset + len)` read as zeros, deallocating it where the
-    /// filesystem can.
-    pub fn zero(&self, offset: u64, len: u64) -> Result<(), AgentError> {
-        if len == 0 {
-            return Ok(());
-        }
-        match sysfs::punch_hole(&self.file, offset, len) {
-            Ok(()) => return Ok(()),
-            Err(e) if sysfs::is_unsupported(&e) => {}
-            Err(e) => return Err(self.write_err(offset, len, e)),
-        }
-        let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64);
-            self.write_at(&zeros[..n as usize], offset + done)?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// fsync: after this, everything written so far survives a crash.
-    pub fn sync(&self) -> Result<(), AgentError> {
-        self.file.sync_all().map_err(|e| {
-            if sysfs::is_no_space(&e) {
-                AgentError::refused_by(
-                    ErrorCode::DiskFull,
-                    format!("{}: no space left while syncing", self.name),
-                    e,
-                )
-            } else {
-                self.io_err("fsync", e)
-            }
-        })
-    }
-
     fn dir(&self) -> BorrowedFd<'_> {
         self.dir.as_fd()
-    }
-
-    fn write_err(&self, offset: u64, len: u64, e: io::Error) -> AgentError {
-        if sysfs::is_no_space(&e) {
-            AgentError::refused_by(
-                ErrorCode::DiskFull,
-                format!("{}: no space left at offset {offset}", self.name),
-                e,
-            )
-        } else {
-            self.io_err(&format!("write of {len} bytes at offset {offset}"), e)
-        }
     }
 
     pub fn io_err(&self, op: &str, e: io::Error) -> AgentError {
         AgentError::refused_by(ErrorCode::Io, format!("{}: {op} failed", self.name), e)
     }
+}
+
+/// How a session uses the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// A sync: created if absent, locked.
+    Write,
+    /// `verify`: must exist, not locked.
+    ReadOnly,
+    /// `boot-points`: must exist, locked.
+    Existing,
 }
 
 impl Drop for Image {

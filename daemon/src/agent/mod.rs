@@ -18,6 +18,7 @@
 //!   (so a source still writing never blocks on a full pipe), and returns
 //!   `Err`. A source must therefore close its side once it sees an `Error`.
 
+mod bootpoints;
 mod image;
 mod record;
 
@@ -26,16 +27,38 @@ use std::{
     path::Path,
 };
 
+pub use bootpoints::{BootPointInfo, BootPointList};
 pub use record::{commit_record_name, CommitRecord};
 
 use self::image::Image;
 use crate::{
     hash,
+    image::{Format, ImageError, Standby},
     protocol::{
         read_message, write_message, Codec, Data, ErrorCode, Hello, Message, ProtocolError,
-        Welcome, MAX_HASHES, MAX_PAYLOAD, VERSION,
+        Welcome, FORMATS, MAX_HASHES, MAX_PAYLOAD, VERSION,
     },
 };
+
+/// An image format's error as the source should see it.
+fn image_error(e: ImageError) -> AgentError {
+    let code = match &e {
+        ImageError::Io { source, .. } if crate::sys::fs::is_no_space(source) => ErrorCode::DiskFull,
+        ImageError::NoSuchBootPoint { .. } => ErrorCode::NoSuchBootPoint,
+        ImageError::OutOfRange { .. } | ImageError::BootPointExists { .. } => ErrorCode::Malformed,
+        ImageError::TooManyBootPoints { .. } => ErrorCode::Malformed,
+        ImageError::Io { .. } | ImageError::Corrupt { .. } | ImageError::Unsupported { .. } => {
+            ErrorCode::Io
+        }
+    };
+    let message = match &e {
+        ImageError::Io { file, op, source } if crate::sys::fs::is_no_space(source) => {
+            format!("{file}: no space left during {op}")
+        }
+        _ => e.to_string(),
+    };
+    AgentError::refused_by(code, message, e)
+}
 
 /// Longest message text put in an `Error` frame.
 const MAX_ERROR_TEXT: usize = 4096;
@@ -230,6 +253,11 @@ struct Session {
     zstd: Option<zstd::bulk::Decompressor<'static>>,
     /// A `verify` session: hash requests only.
     read_only: bool,
+    /// A `boot-points` session: boot point requests only.
+    manage: bool,
+    format: Format,
+    /// The image through its format.
+    standby: Box<dyn Standby>,
 }
 
 impl Session {
@@ -242,18 +270,31 @@ impl Session {
                 format!("chunk size {} is not a power of two", hello.chunk_size),
             ));
         }
-        let image = if hello.read_only {
+        let format = match hello.format {
+            0 => Format::from_name(&hello.image),
+            n => FORMATS[usize::from(n) - 1]
+                .parse()
+                .expect("FORMATS holds format names"),
+        };
+        let mut image = if hello.read_only {
             Image::open_read_only(root, &hello.image)?
+        } else if hello.manage {
+            Image::open_existing(root, &hello.image)?
         } else {
             Image::open(root, &hello.image)?
         };
-        let welcome = if hello.read_only {
-            Self::read_only_welcome(&image)
+        let welcome = if hello.read_only || hello.manage {
+            Self::existing_welcome(&image, format)
         } else {
-            Self::welcome(&image, hello)
+            Self::welcome(&mut image, hello, format)
         };
-        match welcome {
-            Ok(welcome) => Ok((
+        let opened = welcome.and_then(|welcome| {
+            let standby = crate::image::open(format, image.dir_handle()?, image.file_name())
+                .map_err(image_error)?;
+            Ok((welcome, standby))
+        });
+        match opened {
+            Ok((welcome, standby)) => Ok((
                 Self {
                     image,
                     source_id: hello.source_id,
@@ -266,6 +307,9 @@ impl Session {
                     scratch: Vec::new(),
                     zstd: None,
                     read_only: hello.read_only,
+                    manage: hello.manage,
+                    format,
+                    standby,
                 },
                 welcome,
             )),
@@ -276,19 +320,30 @@ impl Session {
         }
     }
 
-    /// A comparison only: the image and its record are left as they are.
-    fn read_only_welcome(image: &Image) -> Result<Welcome, AgentError> {
+    /// The size of the disk an existing image holds.
+    fn disk_size(image: &Image, format: Format) -> Result<u64, AgentError> {
+        match format {
+            Format::Raw => image.len(),
+            _ => crate::image::open(format, image.dir_handle()?, image.file_name())
+                .map(|s| s.size())
+                .map_err(image_error),
+        }
+    }
+
+    /// A comparison or boot point session: the image and its record are
+    /// left as they are.
+    fn existing_welcome(image: &Image, format: Format) -> Result<Welcome, AgentError> {
         let rec = image.read_record()?;
         Ok(Welcome {
             version: VERSION,
             generation: rec.as_ref().map_or(0, |r| r.generation),
             source_id: rec.as_ref().and_then(CommitRecord::source_bytes),
-            image_size: image.len()?,
+            image_size: Self::disk_size(image, format)?,
             created: false,
         })
     }
 
-    fn welcome(image: &Image, hello: &Hello) -> Result<Welcome, AgentError> {
+    fn welcome(image: &mut Image, hello: &Hello, format: Format) -> Result<Welcome, AgentError> {
         // Taking over an image: its record is treated as absent.
         let found = if hello.force_new_source {
             None
@@ -311,8 +366,12 @@ impl Session {
         // An empty file holds no data, whoever made it: it is taken as new.
         // This also covers a session that died between creating the image
         // and giving it its size, or lost a race to create it.
-        let len = image.len()?;
-        let fresh = image.created || len == 0;
+        let fresh = image.created || image.len()? == 0;
+        let len = if fresh {
+            0
+        } else {
+            Self::disk_size(image, format)?
+        };
         if !fresh && len < hello.device_size {
             return Err(AgentError::refused(
                 ErrorCode::ImageTooSmall,
@@ -337,7 +396,10 @@ impl Session {
             ))?;
         }
         if fresh {
-            image.set_len(hello.device_size)?;
+            match format {
+                Format::Raw => image.set_len(hello.device_size)?,
+                _ => image.recreate(format, hello.device_size)?,
+            }
         }
         Ok(Welcome {
             version: VERSION,
@@ -346,17 +408,28 @@ impl Session {
                 _ => 0,
             },
             source_id: found.as_ref().and_then(CommitRecord::source_bytes),
-            image_size: image.len()?,
+            image_size: Self::disk_size(image, format)?,
             created: fresh,
         })
     }
 
     /// Applies one frame; returns the reply to send, if any.
     fn apply(&mut self, msg: Message) -> Result<Option<Message>, AgentError> {
-        if self.read_only && !matches!(msg, Message::HashRequest { .. } | Message::Error { .. }) {
+        if self.read_only
+            && !matches!(
+                msg,
+                Message::HashRequest { .. } | Message::Error { .. } | Message::Manage(_)
+            )
+        {
             return Err(AgentError::refused(
                 ErrorCode::Malformed,
                 format!("{:?} in a read-only session", msg.kind()),
+            ));
+        }
+        if self.manage && !matches!(msg, Message::Manage(_) | Message::Error { .. }) {
+            return Err(AgentError::refused(
+                ErrorCode::Malformed,
+                format!("{:?} in a boot point session", msg.kind()),
             ));
         }
         match msg {
@@ -366,9 +439,48 @@ impl Session {
             }
             Message::Zero { offset, len } => {
                 self.check_range("Zero", offset, len)?;
-                self.image.zero(offset, len)?;
+                self.standby
+                    .write_zeroes(offset, len)
+                    .map_err(image_error)?;
                 self.count(len);
                 Ok(None)
+            }
+            Message::Manage(req) => {
+                if self.read_only && req.op != crate::protocol::ManageOp::List {
+                    return Err(AgentError::refused(
+                        ErrorCode::Malformed,
+                        "only List in a read-only session".to_owned(),
+                    ));
+                }
+                let rights = bootpoints::Rights {
+                    committed: (self.summary.commits > 0 && self.bytes_since_commit == 0)
+                        .then_some(self.generation),
+                    manage: self.manage,
+                };
+                let dir = self.image.dir_handle()?;
+                let list = bootpoints::apply(
+                    &req,
+                    &rights,
+                    &dir,
+                    self.image.file_name(),
+                    self.standby.as_mut(),
+                    self.format,
+                )?;
+                if req.op == crate::protocol::ManageOp::Revert {
+                    // The working image is no longer any generation this
+                    // source committed: its next sync must compare checksums.
+                    let mut rec = self.image.read_record()?.ok_or_else(|| {
+                        AgentError::refused(
+                            ErrorCode::Io,
+                            format!("{} has no commit record", self.image.name),
+                        )
+                    })?;
+                    rec.generation = 0;
+                    self.image.write_record(&rec)?;
+                }
+                Ok(Some(Message::Managed {
+                    json: serde_json::to_string(&list).expect("lists always serialise"),
+                }))
             }
             Message::HashRequest { offset, len, block } => self.hash(offset, len, block).map(Some),
             Message::Commit { generation } => self.commit(generation).map(Some),
@@ -376,7 +488,8 @@ impl Session {
             other @ (Message::Hello(_)
             | Message::Welcome(_)
             | Message::Ack { .. }
-            | Message::HashReply { .. }) => Err(AgentError::refused(
+            | Message::HashReply { .. }
+            | Message::Managed { .. }) => Err(AgentError::refused(
                 ErrorCode::Malformed,
                 format!("unexpected {:?} during a session", other.kind()),
             )),
@@ -454,12 +567,12 @@ impl Session {
                 ),
             ));
         }
-        self.image.write_at(raw, d.offset)?;
+        self.standby.write_at(d.offset, raw).map_err(image_error)?;
         self.count(len);
         Ok(())
     }
 
-    fn hash(&self, offset: u64, len: u64, block: u32) -> Result<Message, AgentError> {
+    fn hash(&mut self, offset: u64, len: u64, block: u32) -> Result<Message, AgentError> {
         self.check_range("HashRequest", offset, len)?;
         let bad = |why: &str| {
             Err(AgentError::refused(
@@ -476,11 +589,21 @@ impl Session {
         if len.div_ceil(u64::from(block)) > u64::from(MAX_HASHES) {
             return bad("asks for more hashes than one reply carries");
         }
-        let hashes = hash::hash_blocks(&self.image.file, offset, len, block, self.threads)
-            .map_err(|e| {
-                self.image
-                    .io_err(&format!("hashing {len} bytes at offset {offset}"), e)
-            })?;
+        let hashes = match self.format {
+            // A raw image is its own disk: hash the file in parallel.
+            Format::Raw => hash::hash_blocks(&self.image.file, offset, len, block, self.threads)
+                .map_err(|e| {
+                    self.image
+                        .io_err(&format!("hashing {len} bytes at offset {offset}"), e)
+                })?,
+            _ => {
+                let mut buf = vec![0u8; len as usize];
+                self.standby
+                    .read_at(offset, &mut buf)
+                    .map_err(image_error)?;
+                hash::hash_buffer(&buf, block, self.threads)
+            }
+        };
         Ok(Message::HashReply {
             offset,
             block,
@@ -498,7 +621,7 @@ impl Session {
                 ),
             ));
         }
-        self.image.sync()?;
+        self.standby.flush().map_err(image_error)?;
         self.image.write_record(&CommitRecord::new(
             self.source_id,
             generation,

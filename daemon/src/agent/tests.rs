@@ -74,6 +74,8 @@ fn hello(image: &str, source_id: [u8; 16], device_size: u64) -> Message {
         image: image.to_owned(),
         force_new_source: false,
         read_only: false,
+        manage: false,
+        format: 0,
     })
 }
 
@@ -763,7 +765,7 @@ fn a_full_disk_is_reported_as_disk_full_with_the_offset() {
     let (result, replies) = session(&root, &frames);
     let message = expect_error((result, replies.clone()), ErrorCode::DiskFull);
     assert!(
-        message.contains("disk.raw: no space left at offset"),
+        message.contains("disk.raw: no space left during write at offset"),
         "{message}"
     );
     assert!(

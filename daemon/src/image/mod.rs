@@ -26,6 +26,8 @@ use std::{
 
 use crate::sys::fs::{self as sysfs, Open};
 
+pub mod raw;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{file}: {op} failed")]
@@ -204,6 +206,95 @@ impl Dir {
     pub fn sync(&self) -> io::Result<()> {
         sysfs::open_beneath(self.fd.as_fd(), Path::new("."), Open::Dir)?.sync_all()
     }
+
+    /// Names of the entries in the directory.
+    pub fn list(&self) -> io::Result<Vec<String>> {
+        let dir = sysfs::open_beneath(self.fd.as_fd(), Path::new("."), Open::Dir)?;
+        use std::os::fd::AsRawFd;
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {
+            if let Some(name) = entry?.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    /// Replaces `name` with `bytes` so that a crash leaves the old or the new
+    /// content (temp file, fsync, rename, fsync of the directory).
+    pub fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let tmp = format!("{name}.tmp");
+        match self.remove(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = self.create(&tmp)?;
+        let written = f.write_all(bytes).and_then(|()| f.sync_all());
+        if let Err(e) = written.and_then(|()| self.rename(&tmp, name)) {
+            let _ = self.remove(&tmp);
+            return Err(e);
+        }
+        self.sync()
+    }
+
+    /// A copy of `from` named `to` (a new file): a reflink clone where the
+    /// filesystem shares blocks (xfs, btrfs), else a full copy. Returns
+    /// whether it was a clone.
+    pub fn clone_file(&self, from: &str, to: &str) -> io::Result<bool> {
+        let src = self.open_read(from)?;
+        let mut dst = self.create(to)?;
+        let done = match sysfs::reflink(&dst, &src) {
+            Ok(()) => Ok(true),
+            Err(e) if sysfs::is_unsupported(&e) => {
+                sysfs::copy_sparse(&src, &mut dst).map(|()| false)
+            }
+            Err(e) => Err(e),
+        }
+        .and_then(|cloned| dst.sync_all().map(|()| cloned));
+        if done.is_err() {
+            let _ = self.remove(to);
+        }
+        done
+    }
+}
+
+/// Creates a new image of `format` named `name` in `dir` holding a disk of
+/// `size` bytes. The name must not exist.
+pub fn create(format: Format, dir: &Dir, name: &str, size: u64) -> Result<(), ImageError> {
+    match format {
+        Format::Raw => {
+            let f = dir.create(name).map_err(ImageError::io(name, "create"))?;
+            f.set_len(size)
+                .map_err(ImageError::io(name, format!("extend to {size} bytes")))
+        }
+        other => Err(ImageError::Unsupported {
+            file: name.to_owned(),
+            format: other.name(),
+            what: "this build cannot write this format yet".to_owned(),
+        }),
+    }
+}
+
+/// Opens the existing image `name` of `format` in `dir`.
+pub fn open(format: Format, dir: Dir, name: &str) -> Result<Box<dyn Standby>, ImageError> {
+    match format {
+        Format::Raw => Ok(Box::new(raw::Raw::open(dir, name)?)),
+        other => Err(ImageError::Unsupported {
+            file: name.to_owned(),
+            format: other.name(),
+            what: "this build cannot write this format yet".to_owned(),
+        }),
+    }
+}
+
+/// Whether `name` is a boot point name (`VYYYYMMDD_hhmmss`).
+pub fn is_boot_point_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 16
+        && b[0] == b'V'
+        && b[9] == b'_'
+        && b[1..9].iter().chain(&b[10..]).all(u8::is_ascii_digit)
 }
 
 /// The boot point name for a Unix time: `VYYYYMMDD_hhmmss` (UTC), as KVM

@@ -222,6 +222,8 @@ pub fn run<T: Tracker>(
         image: opts.target.image.clone(),
         force_new_source: opts.force_new_source,
         read_only: false,
+        manage: false,
+        format: format_code(&opts.target),
     })?;
     if welcome.image_size < size {
         return Err(SyncError::ImageTooSmall {
@@ -456,6 +458,17 @@ pub fn run<T: Tracker>(
             0.0
         },
         generation,
+    })
+}
+
+/// [`Hello::format`] for a target: its `?format=`, or 0 to let the agent
+/// go by the image name.
+pub fn format_code(target: &TargetUrl) -> u8 {
+    target.format.map_or(0, |f| {
+        protocol::FORMATS
+            .iter()
+            .position(|n| *n == f.name())
+            .map_or(0, |i| i as u8 + 1)
     })
 }
 

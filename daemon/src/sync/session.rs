@@ -207,6 +207,8 @@ fn kind_name(msg: &Message) -> &'static str {
         Message::HashRequest { .. } => "HashRequest",
         Message::HashReply { .. } => "HashReply",
         Message::Error { .. } => "Error",
+        Message::Manage(_) => "Manage",
+        Message::Managed { .. } => "Managed",
     }
 }
 

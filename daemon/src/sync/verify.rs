@@ -55,6 +55,8 @@ pub fn verify(
         image: target.image.clone(),
         force_new_source: false,
         read_only: true,
+        manage: false,
+        format: super::format_code(target),
     })?;
     let mut progress = Progress::new(progress_bar);
     let compared = size.min(welcome.image_size);

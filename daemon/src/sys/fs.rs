@@ -257,6 +257,59 @@ fn too_big(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, format!("{what} out of range"))
 }
 
+/// Makes `dst` share `src`'s blocks (FICLONE). Fails with EOPNOTSUPP or
+/// EXDEV where the filesystem cannot.
+pub fn reflink(dst: &File, src: &File) -> io::Result<()> {
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    // SAFETY: FICLONE takes the source fd by value; both fds are open for
+    // the duration of the call.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOTTY) | Some(libc::EXDEV) => {
+                io::Error::from_raw_os_error(libc::EOPNOTSUPP)
+            }
+            _ => e,
+        });
+    }
+    Ok(())
+}
+
+/// Copies `src` into `dst` (empty), keeping holes: only the data ranges
+/// (SEEK_DATA/SEEK_HOLE) are copied, and `dst` gets `src`'s length.
+pub fn copy_sparse(src: &File, dst: &mut File) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = src.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        // SAFETY: lseek on a valid fd; no memory is passed.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole is left
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (mut at, end) = (data as u64, (hole as u64).min(len));
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at)?;
+            dst.write_all_at(&buf[..n], at)?;
+            at += n as u64;
+        }
+        pos = end;
+    }
+    dst.set_len(len)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{

@@ -8,6 +8,8 @@
 
 use std::{fmt, path::PathBuf, str::FromStr};
 
+use crate::image::Format;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UrlError {
     #[error("target {url:?}: expected file:///path/image or ssh://user@host[:port]/path/image")]
@@ -20,9 +22,9 @@ pub enum UrlError {
     Port { url: String, port: String },
     #[error("target {url:?}: a user and a host are required (ssh://user@host/path)")]
     Host { url: String },
-    #[error("target {url:?}: unknown option {option:?} (known: format=raw)")]
+    #[error("target {url:?}: unknown option {option:?} (known: format=raw|qcow2|vmdk|vhdx)")]
     Option { url: String, option: String },
-    #[error("target {url:?}: image format {format:?} is not supported (supported: raw)")]
+    #[error("target {url:?}: unknown image format {format:?} (known: raw, qcow2, vmdk, vhdx)")]
     Format { url: String, format: String },
 }
 
@@ -46,6 +48,16 @@ pub struct TargetUrl {
     pub root: PathBuf,
     /// The image file name, relative to `root`.
     pub image: String,
+    /// `?format=`; otherwise the image name's extension decides.
+    pub format: Option<Format>,
+}
+
+impl TargetUrl {
+    /// The image's format: as given, or as the extension says.
+    pub fn format(&self) -> Format {
+        self.format
+            .unwrap_or_else(|| Format::from_name(&self.image))
+    }
 }
 
 impl FromStr for TargetUrl {
@@ -54,14 +66,14 @@ impl FromStr for TargetUrl {
     fn from_str(url: &str) -> Result<Self, UrlError> {
         let owned = || url.to_owned();
         let (rest, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut format = None;
         for option in query.split('&').filter(|o| !o.is_empty()) {
             match option.split_once('=') {
-                Some(("format", "raw")) => {}
-                Some(("format", other)) => {
-                    return Err(UrlError::Format {
+                Some(("format", f)) => {
+                    format = Some(f.parse::<Format>().map_err(|_| UrlError::Format {
                         url: owned(),
-                        format: other.to_owned(),
-                    })
+                        format: f.to_owned(),
+                    })?)
                 }
                 _ => {
                     return Err(UrlError::Option {
@@ -123,6 +135,7 @@ impl FromStr for TargetUrl {
             endpoint,
             root,
             image: (*image).to_owned(),
+            format,
         })
     }
 }
@@ -130,13 +143,17 @@ impl FromStr for TargetUrl {
 impl fmt::Display for TargetUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let path = self.root.join(&self.image);
+        let query = match self.format {
+            Some(fmt) => format!("?format={}", fmt.name()),
+            None => String::new(),
+        };
         match &self.endpoint {
-            Endpoint::Local => write!(f, "file://{}", path.display()),
+            Endpoint::Local => write!(f, "file://{}{query}", path.display()),
             Endpoint::Ssh { user, host, port } if *port == 22 => {
-                write!(f, "ssh://{user}@{host}{}", path.display())
+                write!(f, "ssh://{user}@{host}{}{query}", path.display())
             }
             Endpoint::Ssh { user, host, port } => {
-                write!(f, "ssh://{user}@{host}:{port}{}", path.display())
+                write!(f, "ssh://{user}@{host}:{port}{}{query}", path.display())
             }
         }
     }
@@ -154,9 +171,7 @@ mod tests {
         assert_eq!(t.image, "web.img");
         assert_eq!(t.to_string(), "file:///var/standby/web.img");
 
-        let t: TargetUrl = "ssh://backup@kvm1:2222/srv/img/db.img?format=raw"
-            .parse()
-            .unwrap();
+        let t: TargetUrl = "ssh://backup@kvm1:2222/srv/img/db.img".parse().unwrap();
         assert_eq!(
             t.endpoint,
             Endpoint::Ssh {
@@ -167,6 +182,11 @@ mod tests {
         );
         assert_eq!(t.root, PathBuf::from("/srv/img"));
         assert_eq!(t.to_string(), "ssh://backup@kvm1:2222/srv/img/db.img");
+
+        let t: TargetUrl = "file:///v/web.img?format=qcow2".parse().unwrap();
+        assert_eq!(t.format(), Format::Qcow2);
+        let t: TargetUrl = "file:///v/web.vmdk".parse().unwrap();
+        assert_eq!(t.format(), Format::Vmdk);
 
         let t: TargetUrl = "ssh://root@10.0.0.2/x.img".parse().unwrap();
         assert_eq!(t.root, PathBuf::from("/"));
@@ -189,6 +209,7 @@ mod tests {
             "ssh://u@/x.img",
             "ssh://u@host",
             "file:///x.img?format=qcow3",
+            "file:///x.img?format=",
             "file:///x.img?compress=1",
         ] {
             assert!(bad.parse::<TargetUrl>().is_err(), "{bad} was accepted");
