@@ -14,7 +14,7 @@ use ferry::{
     dirty::store::{Store, DEFAULT_STATE_DIR},
     human,
     pipeline::PipelineConfig,
-    sync::{self, Mode, SyncError, SyncOptions},
+    sync::{self, bootpoint::BootPointOptions, Mode, SyncError, SyncOptions},
     throttle::{self, IoPrio, RateLimiter},
     track::{DeviceReport, DirtyReport, TrackError, Tracking},
     tracker::{
@@ -79,6 +79,9 @@ enum Command {
     /// not. The source keeps changing while it runs: verify right after a
     /// sync of a quiet device for a clean answer.
     Verify(VerifyArgs),
+    /// List, revert to, or delete the boot points of a standby image.
+    #[command(subcommand)]
+    BootPoints(BootPointsCommand),
     /// Serve one sync session on stdin/stdout (ferry runs this on the target
     /// over SSH; there is no need to run it by hand).
     Agent {
@@ -86,6 +89,35 @@ enum Command {
         /// outside it.
         #[arg(long)]
         root: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BootPointsCommand {
+    /// Boot points of TARGET, oldest first: name, time, kind (crash- or
+    /// app-consistent), source generation and disk size.
+    List {
+        target: TargetUrl,
+        #[command(flatten)]
+        ssh: SshArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the working image equal boot point NAME (which stays). The next
+    /// sync runs a checksum resync. Refused while a sync holds the image.
+    Revert {
+        target: TargetUrl,
+        name: String,
+        #[command(flatten)]
+        ssh: SshArgs,
+    },
+    /// Delete boot point NAME; the others keep their content.
+    Delete {
+        target: TargetUrl,
+        name: String,
+        #[command(flatten)]
+        ssh: SshArgs,
     },
 }
 
@@ -137,10 +169,47 @@ struct SyncArgs {
     #[arg(long, value_name = "N", default_value_t = 16)]
     queue_depth: u32,
     #[command(flatten)]
+    boot: BootPointArgs,
+    #[command(flatten)]
     ssh: SshArgs,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+#[command(next_help_heading = "Boot points")]
+struct BootPointArgs {
+    /// End the job with a boot point: one instant of the source, kept on the
+    /// target. Filesystems mounted from the device are frozen for that
+    /// instant (app-consistent); a device without one gets a
+    /// crash-consistent boot point.
+    #[arg(long)]
+    boot_point: bool,
+    /// Boot points to keep (1-30, at most 22 for qcow2). At the limit the
+    /// two oldest are merged into one with the newer one's content.
+    #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u16).range(1..=30))]
+    max_boot_points: u16,
+    /// Run before the freeze (quiesce the application); if it fails, no
+    /// boot point is taken, but the changes are still shipped.
+    #[arg(long, value_name = "SCRIPT")]
+    pre_snapshot: Option<PathBuf>,
+    /// Run after the thaw.
+    #[arg(long, value_name = "SCRIPT")]
+    post_snapshot: Option<PathBuf>,
+    /// How long each script may run, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    script_timeout: u64,
+    /// Longest the filesystems may stay frozen, e.g. 2s or 500ms; past it
+    /// they are thawed and the job tries again after another round.
+    #[arg(long, value_name = "TIME", default_value = "2s", value_parser = parse_duration)]
+    max_freeze: std::time::Duration,
+    /// Freeze once a round has at most this much left to ship.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    converge: u64,
+    /// Freeze after this many rounds, converged or not.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    max_rounds: u32,
 }
 
 #[derive(Args)]
@@ -246,6 +315,23 @@ struct JsonFlag {
 
 fn parse_chunk(s: &str) -> Result<ChunkSize, String> {
     s.parse()
+}
+
+/// `2s`, `500ms`, `1.5s`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    num.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(|v| std::time::Duration::from_secs_f64(v * scale))
+        .ok_or_else(|| format!("{s:?} is not a duration like 2s or 500ms"))
 }
 
 /// `4096`, `64K`, `20M`, `1G` (binary multiples).
@@ -365,6 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sync(args) => return sync_command(&cli.state_dir, &cli.bpf_dir, &args),
         Command::Verify(args) => return verify_command(&args),
+        Command::BootPoints(cmd) => return boot_points_command(&cmd),
     };
     let tracker = LinuxTracker::new(&cli.bpf_dir)?;
     let open_store = |path: &Path| {
@@ -454,7 +541,34 @@ fn sync_command(state_dir: &Path, bpf_dir: &Path, args: &SyncArgs) -> anyhow::Re
     if let Some(n) = args.compress_threads {
         pipeline.compress_threads = n.max(1);
     }
+    let boot_point = if args.boot.boot_point {
+        let format = args.target.format();
+        if usize::from(args.boot.max_boot_points) > format.max_boot_points() {
+            anyhow::bail!(
+                "--max-boot-points {}: {} images keep at most {}",
+                args.boot.max_boot_points,
+                format.name(),
+                format.max_boot_points()
+            );
+        }
+        let dev = ferry::device::BlockDevice::resolve(&args.device)?.dev;
+        // A freeze must be thawed whatever ends the job.
+        ferry::sys::freeze::guard_signals().context("cannot set up signal handling")?;
+        Some(BootPointOptions {
+            max_boot_points: args.boot.max_boot_points,
+            pre_snapshot: args.boot.pre_snapshot.clone(),
+            post_snapshot: args.boot.post_snapshot.clone(),
+            script_timeout: std::time::Duration::from_secs(args.boot.script_timeout),
+            max_freeze: args.boot.max_freeze,
+            converge_bytes: args.boot.converge,
+            max_rounds: args.boot.max_rounds.max(1),
+            dev,
+        })
+    } else {
+        None
+    };
     let opts = SyncOptions {
+        boot_point,
         device: args.device.clone(),
         target: args.target.clone(),
         state_dir: state_dir.to_owned(),
@@ -499,6 +613,98 @@ fn sync_command(state_dir: &Path, bpf_dir: &Path, args: &SyncArgs) -> anyhow::Re
                 _ => "no".to_owned(),
             },
         )?;
+        if let Some(bp) = &s.boot_point {
+            let rounds: Vec<String> = bp.rounds.iter().map(|b| human(*b)).collect();
+            match &bp.name {
+                Some(name) => writeln!(
+                    out,
+                    "boot point {name} ({}), frozen {:.0} ms ({}), rounds: {}{}",
+                    bp.kind,
+                    bp.freeze_ms,
+                    if bp.frozen.is_empty() {
+                        "nothing mounted".to_owned()
+                    } else {
+                        bp.frozen
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                    rounds.join(" + "),
+                    bp.merged
+                        .as_ref()
+                        .map(|m| format!("; merged {m} into the next one"))
+                        .unwrap_or_default(),
+                )?,
+                None => writeln!(
+                    out,
+                    "no boot point taken: {}",
+                    bp.note.as_deref().unwrap_or("unknown reason")
+                )?,
+            }
+            if let (Some(_), Some(note)) = (&bp.name, &bp.note) {
+                writeln!(out, "note: {note}")?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn boot_points_command(cmd: &BootPointsCommand) -> anyhow::Result<ExitCode> {
+    use ferry::protocol::ManageOp;
+    let (target, ssh, op, name, json) = match cmd {
+        BootPointsCommand::List { target, ssh, json } => (target, ssh, ManageOp::List, "", *json),
+        BootPointsCommand::Revert { target, name, ssh } => {
+            (target, ssh, ManageOp::Revert, name.as_str(), false)
+        }
+        BootPointsCommand::Delete { target, name, ssh } => {
+            (target, ssh, ManageOp::Delete, name.as_str(), false)
+        }
+    };
+    let list = sync::manage::manage(target, &ssh.options()?, op, name)?;
+    let mut out = std::io::stdout().lock();
+    match op {
+        ManageOp::Revert => writeln!(
+            out,
+            "{target} is now boot point {name}; the next sync compares checksums"
+        )?,
+        ManageOp::Delete => writeln!(out, "deleted boot point {name} of {target}")?,
+        _ if json => {
+            serde_json::to_writer(&mut out, &list)?;
+            writeln!(out)?;
+        }
+        _ if list.boot_points.is_empty() => writeln!(out, "{target} has no boot points")?,
+        _ => {
+            writeln!(
+                out,
+                "{:<18} {:<20} {:<8} {:>10} {:>10}",
+                "NAME", "TAKEN (UTC)", "KIND", "GENERATION", "SIZE"
+            )?;
+            for p in &list.boot_points {
+                writeln!(
+                    out,
+                    "{:<18} {:<20} {:<8} {:>10} {:>10}",
+                    p.name,
+                    if p.created_at == 0 {
+                        "-".to_owned()
+                    } else {
+                        let n = ferry::image::boot_point_name(p.created_at);
+                        format!(
+                            "{}-{}-{} {}:{}:{}",
+                            &n[1..5],
+                            &n[5..7],
+                            &n[7..9],
+                            &n[10..12],
+                            &n[12..14],
+                            &n[14..16]
+                        )
+                    },
+                    p.kind,
+                    p.generation,
+                    human(p.size)
+                )?;
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

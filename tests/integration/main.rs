@@ -3,6 +3,7 @@
 //! reason only when the capability is truly missing; under CI they run.
 
 mod bad_input;
+mod bootpoints;
 mod sshd;
 mod sync;
 mod torture;

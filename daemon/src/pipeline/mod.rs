@@ -157,6 +157,18 @@ impl Default for PipelineConfig {
     }
 }
 
+impl PipelineStats {
+    /// Adds another run's figures (the peak is the larger of the two).
+    pub fn add(&mut self, other: &PipelineStats) {
+        self.bytes_read += other.bytes_read;
+        self.read_ops += other.read_ops;
+        self.zero_bytes += other.zero_bytes;
+        self.data_bytes += other.data_bytes;
+        self.payload_bytes += other.payload_bytes;
+        self.mem_peak = self.mem_peak.max(other.mem_peak);
+    }
+}
+
 /// What a pipeline did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PipelineStats {

@@ -25,7 +25,9 @@
 //! - **Tracking starts before the seed reads.** Writes made during a seed
 //!   are in the kernel bitmap and go with the next job.
 
+pub mod bootpoint;
 mod compare;
+pub mod manage;
 mod progress;
 pub mod session;
 pub mod verify;
@@ -46,7 +48,7 @@ use crate::{
         store::{Store, StoreError},
         targets::{target_id, Set, TargetRecord},
     },
-    pipeline::{self, Piece, Pipeline, PipelineConfig, PipelineError},
+    pipeline::{self, Piece, Pipeline, PipelineConfig, PipelineError, PipelineStats},
     protocol::{self, ErrorCode, Hello, Message, ProtocolError},
     throttle::RateLimiter,
     track::{TrackError, Tracking},
@@ -122,6 +124,8 @@ pub struct SyncOptions {
     pub bwlimit: u64,
     /// Draw a progress bar (a terminal); otherwise log progress lines.
     pub progress_bar: bool,
+    /// End with a boot point (`--boot-point`).
+    pub boot_point: Option<bootpoint::BootPointOptions>,
 }
 
 /// How the job brought the target up to date.
@@ -166,6 +170,9 @@ pub struct SyncSummary {
     pub throughput_bytes_per_sec: f64,
     /// The generation the target acknowledged.
     pub generation: u64,
+    /// The boot point taken at the end (`--boot-point`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_point: Option<bootpoint::BootPointSummary>,
 }
 
 fn now_secs() -> u64 {
@@ -353,41 +360,24 @@ pub fn run<T: Tracker>(
         },
         changed_bytes,
     );
-    let mut cfg = opts.pipeline.clone();
-    cfg.chunk_size = chunk;
-    let pipe = Pipeline::start(&device.path, size, plan, cfg)?;
-    let mut done = 0;
-    while let Some(piece) = pipe.recv() {
-        let piece = piece?;
-        done += piece.raw_len();
-        match piece {
-            Piece::Data {
-                offset,
-                raw_len,
-                codec,
-                data_hash,
-                payload,
-                permit,
-            } => {
-                let codec = match codec {
-                    pipeline::Codec::Raw => protocol::Codec::Raw,
-                    pipeline::Codec::Zstd => protocol::Codec::Zstd,
-                };
-                session.send(&Message::Data(protocol::Data {
-                    offset,
-                    raw_len,
-                    codec,
-                    data_hash,
-                    payload,
-                }))?;
-                // Its memory is free for the next read once it is on the wire.
-                drop(permit);
-            }
-            Piece::Zero { offset, len } => session.send(&Message::Zero { offset, len })?,
-        }
-        progress.set(done);
+    let source = Source {
+        path: device.path.clone(),
+        size,
+        chunk,
+        pipeline: opts.pipeline.clone(),
+    };
+    let mut stats = source.ship(&mut session, plan, &mut progress)?;
+
+    // 5b. Rounds until the rest is small, then one instant for a boot point.
+    let mut boot = None;
+    let mut changed_bytes = changed_bytes;
+    if let Some(bp) = &opts.boot_point {
+        let mut take = || take_more(&mut open, &opts.device, &id);
+        let out = bootpoint::converge(bp, &source, &mut session, &mut take, &mut progress)?;
+        stats.add(&out.stats);
+        changed_bytes += out.rounds_bytes();
+        boot = Some(out);
     }
-    let stats = pipe.finish()?;
 
     // 6. Commit: recorded as under way first, so a job killed before the
     //    acknowledgement is recorded knows the target may be one ahead.
@@ -413,8 +403,6 @@ pub fn run<T: Tracker>(
             })
         }
     }
-    let sent_bytes = session.bytes_sent;
-    session.close()?;
 
     // 7. Acknowledged: only now forget what was shipped.
     {
@@ -432,6 +420,14 @@ pub fn run<T: Tracker>(
         store.save_target(&id, &fresh)?;
         store.save_target_set(&id, Set::Inflight, &RoaringBitmap::new())?;
     }
+
+    // 8. The boot point, of exactly what was just committed.
+    let boot_point = match (boot, &opts.boot_point) {
+        (Some(out), Some(bp)) => Some(bootpoint::take(out, bp, &mut session, &mut progress)?),
+        _ => None,
+    };
+    let sent_bytes = session.bytes_sent;
+    session.close()?;
     progress.finish();
     let secs = started.elapsed().as_secs_f64();
     Ok(SyncSummary {
@@ -458,7 +454,108 @@ pub fn run<T: Tracker>(
             0.0
         },
         generation,
+        boot_point,
     })
+}
+
+/// The source device as the pipeline reads it.
+pub(crate) struct Source {
+    pub path: PathBuf,
+    pub size: u64,
+    pub chunk: u64,
+    pub pipeline: PipelineConfig,
+}
+
+impl Source {
+    /// Byte extents of a set of chunks, cut for reading.
+    pub fn plan(&self, set: &RoaringBitmap) -> Vec<crate::dirty::Extent> {
+        extents(set, self.chunk, self.size, u64::from(self.pipeline.max_io))
+    }
+
+    fn start(&self, plan: Vec<crate::dirty::Extent>) -> Result<Pipeline, SyncError> {
+        let mut cfg = self.pipeline.clone();
+        cfg.chunk_size = self.chunk;
+        Ok(Pipeline::start(&self.path, self.size, plan, cfg)?)
+    }
+
+    /// Reads `plan` and sends it; each piece's memory is released once it is
+    /// on the wire.
+    pub fn ship(
+        &self,
+        session: &mut Session,
+        plan: Vec<crate::dirty::Extent>,
+        progress: &mut Progress,
+    ) -> Result<PipelineStats, SyncError> {
+        let pipe = self.start(plan)?;
+        let mut done = 0;
+        while let Some(piece) = pipe.recv() {
+            let piece = piece?;
+            done += piece.raw_len();
+            send_piece(session, piece)?;
+            progress.set(done);
+        }
+        Ok(pipe.finish()?)
+    }
+
+    /// Reads `plan` into memory (for the instant of a boot point, while the
+    /// source's filesystems are frozen).
+    pub fn read_all(
+        &self,
+        plan: Vec<crate::dirty::Extent>,
+    ) -> Result<(Vec<Piece>, PipelineStats), SyncError> {
+        let pipe = self.start(plan)?;
+        let mut pieces = Vec::new();
+        while let Some(piece) = pipe.recv() {
+            pieces.push(piece?);
+        }
+        Ok((pieces, pipe.finish()?))
+    }
+}
+
+pub(crate) fn send_piece(session: &mut Session, piece: Piece) -> Result<(), SyncError> {
+    match piece {
+        Piece::Data {
+            offset,
+            raw_len,
+            codec,
+            data_hash,
+            payload,
+            permit,
+        } => {
+            let codec = match codec {
+                pipeline::Codec::Raw => protocol::Codec::Raw,
+                pipeline::Codec::Zstd => protocol::Codec::Zstd,
+            };
+            session.send(&Message::Data(protocol::Data {
+                offset,
+                raw_len,
+                codec,
+                data_hash,
+                payload,
+            }))?;
+            drop(permit);
+            Ok(())
+        }
+        Piece::Zero { offset, len } => session.send(&Message::Zero { offset, len }),
+    }
+}
+
+/// Drains the kernel's bits into every target's pending set and moves this
+/// target's into its inflight set; returns what was moved.
+fn take_more<T: Tracker>(
+    open: &mut impl FnMut() -> Result<Tracking<T>, SyncError>,
+    device: &std::path::Path,
+    id: &str,
+) -> Result<RoaringBitmap, SyncError> {
+    let mut tracking = open()?;
+    tracking.drain_to_targets(device)?;
+    let store = tracking.store();
+    let more = store.target_set(id, Set::Pending)?;
+    let mut inflight = store.target_set(id, Set::Inflight)?;
+    inflight |= &more;
+    store.save_target_set(id, Set::Inflight, &inflight)?;
+    store.save_target_set(id, Set::Pending, &RoaringBitmap::new())?;
+    Ok(more)
 }
 
 /// [`Hello::format`] for a target: its `?format=`, or 0 to let the agent

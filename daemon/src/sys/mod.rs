@@ -4,6 +4,7 @@
 pub mod blk;
 pub mod bpf;
 pub mod fd;
+pub mod freeze;
 pub mod fs;
 pub mod mmap;
 pub mod prio;

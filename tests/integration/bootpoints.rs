@@ -1,0 +1,239 @@
+//! Boot points: one instant of the source kept on the target, retention,
+//! revert, and the scripts around the freeze. Real loop devices, a mounted
+//! ext4 on the source, and the image files themselves as the judge.
+
+use std::{path::Path, process::Command};
+
+use crate::util::{privileged, run, same_content, write_random, Ferry, LoopDev, Mounted, TempDir};
+
+const MIB: u64 = 1 << 20;
+
+/// The content of `/marker` in the ext4 image `image` (read with debugfs,
+/// without mounting).
+fn marker(image: &Path) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /marker"])
+        .arg(image)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn set_marker(src: &Mounted, text: &str) {
+    std::fs::write(src.dir.join("marker"), text).unwrap();
+}
+
+fn list(f: &Ferry, url: &str) -> serde_json::Value {
+    f.json(&["boot-points", "list", url])
+}
+
+fn names(v: &serde_json::Value) -> Vec<String> {
+    v["boot_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn app_consistent_boot_points_retention_and_revert() {
+    if !privileged("app_consistent_boot_points_retention_and_revert") {
+        return;
+    }
+    let src = Mounted::new(64 * MIB);
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let image = dir.join("web.img");
+    let url = format!("file://{}", image.display());
+    let point = |name: &str| dir.join(&format!("web.img.{name}"));
+
+    let mut taken: Vec<String> = Vec::new();
+    for (i, text) in ["one", "two", "three"].iter().enumerate() {
+        set_marker(&src, text);
+        let s = f.json(&[
+            "sync",
+            src.dev.arg(),
+            &url,
+            "--boot-point",
+            "--max-boot-points",
+            "2",
+        ]);
+        let bp = &s["boot_point"];
+        assert_eq!(bp["kind"], "app-consistent", "{s}");
+        assert_eq!(bp["frozen"][0], src.dir.to_str().unwrap(), "{s}");
+        assert!(bp["freeze_ms"].as_f64().unwrap() < 2000.0, "{s}");
+        let name = bp["name"].as_str().unwrap().to_owned();
+        // The boot point is a filesystem that holds the marker of its time.
+        assert_eq!(marker(&point(&name)), *text);
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(point(&name))
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        if i == 2 {
+            assert_eq!(bp["merged"], taken[0].as_str(), "{s}");
+        }
+        taken.push(name);
+        // Boot point names have one-second resolution.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    // Retention kept the newest two, unchanged.
+    let v = list(&f, &url);
+    assert_eq!(names(&v), taken[1..].to_vec(), "{v}");
+    assert_eq!(v["boot_points"][0]["kind"], "app");
+    assert_eq!(marker(&point(&taken[1])), "two");
+    assert!(!point(&taken[0]).exists());
+
+    // Revert: the working image becomes "two", and the next sync compares
+    // checksums and brings it back to the source.
+    let kept = dir.join("kept");
+    std::fs::copy(point(&taken[1]), &kept).unwrap();
+    f.ok(&["boot-points", "revert", &url, &taken[1]]);
+    assert!(same_content(&image, &kept));
+    assert!(
+        same_content(&point(&taken[1]), &kept),
+        "revert changed the boot point"
+    );
+    run("umount", &[src.dir.to_str().unwrap()]);
+    let s = f.json(&["sync", src.dev.arg(), &url]);
+    assert_eq!(s["mode"], "resync", "{s}");
+    assert!(same_content(&src.dev.backing, &image));
+    assert!(
+        same_content(&point(&taken[1]), &kept),
+        "a sync changed a boot point"
+    );
+
+    // Delete.
+    f.ok(&["boot-points", "delete", &url, &taken[2]]);
+    assert_eq!(names(&list(&f, &url)), vec![taken[1].clone()]);
+}
+
+#[test]
+fn a_failing_pre_script_takes_no_boot_point_but_ships() {
+    if !privileged("a_failing_pre_script_takes_no_boot_point_but_ships") {
+        return;
+    }
+    let src = Mounted::new(32 * MIB);
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let url = format!("file://{}", dir.join("web.img").display());
+    let script = dir.join("pre.sh");
+    std::fs::write(&script, "#!/bin/sh\necho quiescing >&2\nexit 3\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    set_marker(&src, "x");
+    let s = f.json(&[
+        "sync",
+        src.dev.arg(),
+        &url,
+        "--boot-point",
+        "--pre-snapshot",
+        script.to_str().unwrap(),
+    ]);
+    assert!(s["boot_point"].get("name").is_none(), "{s}");
+    assert!(
+        s["boot_point"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("pre-snapshot script failed"),
+        "{s}"
+    );
+    assert_eq!(s["generation"], 1, "the changes still ship: {s}");
+    assert!(names(&list(&f, &url)).is_empty());
+}
+
+#[test]
+fn a_raw_device_gets_a_crash_consistent_boot_point() {
+    if !privileged("a_raw_device_gets_a_crash_consistent_boot_point") {
+        return;
+    }
+    let dev = LoopDev::new(16 * MIB);
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let url = format!("file://{}", dir.join("raw.img").display());
+    write_random(&dev.path, 0, MIB as usize, 1);
+    let s = f.json(&["sync", dev.arg(), &url, "--boot-point"]);
+    assert_eq!(s["boot_point"]["kind"], "crash-consistent", "{s}");
+    let name = s["boot_point"]["name"].as_str().unwrap();
+    assert!(same_content(
+        &dev.backing,
+        &dir.join(&format!("raw.img.{name}"))
+    ));
+    assert_eq!(list(&f, &url)["boot_points"][0]["kind"], "crash");
+}
+
+#[test]
+fn bad_boot_point_input_is_refused() {
+    if !privileged("bad_boot_point_input_is_refused") {
+        return;
+    }
+    let dev = LoopDev::new(16 * MIB);
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let url = format!("file://{}", dir.join("raw.img").display());
+    f.ok(&["sync", dev.arg(), &url, "--boot-point"]);
+    let before = std::fs::read_dir(&dir.path).unwrap().count();
+    for (args, needle) in [
+        (
+            vec!["boot-points", "revert", &url, "V20000101_000000"],
+            "no boot point named",
+        ),
+        (
+            vec!["boot-points", "delete", &url, "V20000101_000000"],
+            "no boot point named",
+        ),
+        (
+            vec!["boot-points", "list", "file:///nonexistent-dir/x.img"],
+            "nonexistent-dir",
+        ),
+        (
+            vec![
+                "sync",
+                dev.arg(),
+                &url,
+                "--boot-point",
+                "--max-boot-points",
+                "31",
+            ],
+            "31",
+        ),
+        (
+            vec![
+                "sync",
+                dev.arg(),
+                &url,
+                "--boot-point",
+                "--max-boot-points",
+                "0",
+            ],
+            "0",
+        ),
+        (
+            vec![
+                "sync",
+                dev.arg(),
+                &format!("{url}?format=qcow7"),
+                "--boot-point",
+            ],
+            "unknown image format",
+        ),
+        (
+            vec!["sync", dev.arg(), &url, "--max-freeze", "soon"],
+            "duration",
+        ),
+    ] {
+        let err = f.fails(&args);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert_eq!(
+        std::fs::read_dir(&dir.path).unwrap().count(),
+        before,
+        "bad input changed the target"
+    );
+}
