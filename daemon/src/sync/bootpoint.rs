@@ -18,8 +18,10 @@
 //! Every chunk taken from the tracker is shipped before the commit, whatever
 //! path the job takes, so nothing taken is ever dropped.
 //!
-//! A device with no mounted filesystem gets a crash-consistent boot point
-//! (the device as it was at the final drain), and the summary says so.
+//! A device with no mounted filesystem gets a crash-consistent boot point,
+//! and the summary says so. Nothing holds its writers still: writes that
+//! land while the last chunks are read can make it a mix of two instants, so
+//! a pre-snapshot script should pause them.
 
 use std::{
     path::PathBuf,
