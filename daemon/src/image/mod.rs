@@ -26,6 +26,8 @@ use std::{
 
 use crate::sys::fs::{self as sysfs, Open};
 
+pub mod vmdk;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{file}: {op} failed")]
