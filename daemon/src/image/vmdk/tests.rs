@@ -454,6 +454,39 @@ fn a_crash_between_the_boot_point_renames_is_finished_on_open() {
 }
 
 #[test]
+fn an_anonymous_layer_a_crash_left_is_committed_later() {
+    let tmp = TempDir::new("anon");
+    let mut m = Model::new(SIZE);
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut v = Vmdk::create(&tmp.dir(), "web.vmdk", SIZE).unwrap();
+    for _ in 0..3 {
+        m.random_write(&mut v, &mut rng);
+        m.boot_point(&mut v);
+    }
+    m.random_write(&mut v, &mut rng);
+    drop(v);
+    // As if deleting the second boot point had stopped after the sidecar.
+    let (name, _) = m.boot_points.remove(1);
+    let path = tmp.0.join("web.vmdk.bootpoints.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["boot_points"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|b| b["name"] != name.as_str());
+    std::fs::write(&path, json.to_string()).unwrap();
+    let mut v = Vmdk::open(&tmp.dir(), "web.vmdk").unwrap();
+    m.check(&mut v);
+    assert_eq!(v.layers.len(), 4, "open does not merge");
+    m.delete(&mut v, 0);
+    m.check(&mut v);
+    assert_eq!(v.layers.len(), 2, "the next retention step commits both");
+    if have_qemu_img() {
+        m.check_with_qemu(&tmp, &mut v);
+    }
+}
+
+#[test]
 fn bad_calls_are_refused() {
     let tmp = TempDir::new("bad");
     assert!(matches!(
