@@ -47,6 +47,14 @@
 //!   the next retention operation commits leftover anonymous layers.
 //! - In-place descriptor rewrites rely on a sector write being atomic, as
 //!   VMware's and QEMU's own CID updates do.
+//!
+//! After an I/O error from a boot point or retention operation the in-memory
+//! view may lag the files; drop the image and open it again.
+//!
+//! Limits: hosted sparse extents address 2 TiB, so images are at most that.
+//! ESXi does not power on hosted sparse disks (VMware: re-import them with
+//! `vmkfstools -i … -d thin` first); VMware Workstation, Fusion and QEMU run
+//! the chain as it is.
 
 mod descriptor;
 mod sparse;
@@ -837,6 +845,10 @@ impl Standby for Vmdk {
         self.tidy()
     }
 
+    /// Deletes the oldest boot point's name. When only the next layer
+    /// depends on the oldest's, the next is committed into it and it takes
+    /// the next boot point's name. With fewer than two boot points there is
+    /// nothing to merge.
     fn merge_oldest(&mut self) -> Result<(), ImageError> {
         if self.boot_points.len() < 2 {
             return Ok(());
