@@ -27,6 +27,7 @@ use std::{
 use crate::sys::fs::{self as sysfs, Open};
 
 pub mod raw;
+pub mod vmdk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -268,6 +269,7 @@ pub fn create(format: Format, dir: &Dir, name: &str, size: u64) -> Result<(), Im
             f.set_len(size)
                 .map_err(ImageError::io(name, format!("extend to {size} bytes")))
         }
+        Format::Vmdk => vmdk::Vmdk::create(dir, name, size).map(drop),
         other => Err(ImageError::Unsupported {
             file: name.to_owned(),
             format: other.name(),
@@ -280,6 +282,7 @@ pub fn create(format: Format, dir: &Dir, name: &str, size: u64) -> Result<(), Im
 pub fn open(format: Format, dir: Dir, name: &str) -> Result<Box<dyn Standby>, ImageError> {
     match format {
         Format::Raw => Ok(Box::new(raw::Raw::open(dir, name)?)),
+        Format::Vmdk => Ok(Box::new(vmdk::Vmdk::open(&dir, name)?)),
         other => Err(ImageError::Unsupported {
             file: name.to_owned(),
             format: other.name(),
