@@ -588,3 +588,20 @@ fn torture_writes_during_repeated_syncs() {
         "image differs after {syncs} syncs under {writes} writes: {last}"
     );
 }
+
+/// Regression: replies to hash requests sent ahead arrived while the next
+/// request was being sent and were taken for a protocol error, so verify
+/// and resync failed on devices larger than the requests in flight.
+#[test]
+fn verify_reads_replies_that_arrive_early() {
+    if !privileged("verify_reads_replies_that_arrive_early") {
+        return;
+    }
+    let s = Standby::file(640 * MIB);
+    write_random(&s.dev.path, 600 * MIB, MIB as usize, 40);
+    s.sync();
+    let v = s.f.json(&s.args("verify", &[]));
+    assert_eq!(v["identical"], true, "{v}");
+    let r = s.f.json(&s.args("sync", &["--resync"]));
+    assert_eq!(r["differing_bytes"], 0, "{r}");
+}

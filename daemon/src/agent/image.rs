@@ -31,6 +31,8 @@ pub(super) struct Image {
     pub file: File,
     /// This session created the file.
     pub created: bool,
+    /// `IMAGE.ferry.lock`, flocked once the session may change anything.
+    lock: Option<File>,
 }
 
 impl Image {
@@ -153,6 +155,7 @@ impl Image {
             file_name: file_name.to_owned(),
             file,
             created,
+            lock: None,
         })
     }
 
@@ -164,6 +167,38 @@ impl Image {
                 tracing::warn!(image = %self.name, "removing the image created for a refused session failed: {e}");
             }
         }
+    }
+
+    /// Takes the session lock, `IMAGE.ferry.lock`, before anything changes.
+    /// The image file's own lock (taken at open) cannot be the only one: a
+    /// format may replace the image file (a revert, a new delta on top),
+    /// and a lock on the old file would no longer exclude anyone. The lock
+    /// file is made only here, so a refused session leaves none behind.
+    pub fn lock_session(&mut self) -> Result<(), AgentError> {
+        if self.lock.is_some() {
+            return Ok(());
+        }
+        let name = format!("{}.ferry.lock", self.file_name);
+        let path = Path::new(&name);
+        let open = || sysfs::open_beneath(self.dir.as_fd(), path, Open::ReadWrite);
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                match sysfs::open_beneath(self.dir.as_fd(), path, Open::CreateNew { mode: 0o600 }) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open(),
+                    other => other,
+                }
+            }
+            other => other,
+        }
+        .map_err(|e| self.io_err("open the session lock", e))?;
+        if !sysfs::try_lock_exclusive(&file).map_err(|e| self.io_err("lock", e))? {
+            return Err(AgentError::refused(
+                ErrorCode::Busy,
+                format!("{} is in use by another ferry session", self.name),
+            ));
+        }
+        self.lock = Some(file);
+        Ok(())
     }
 
     /// The directory the image lives in, for its format's files.
@@ -180,23 +215,15 @@ impl Image {
     }
 
     /// Replaces the (empty) image file with a new image of `format` holding
-    /// a `size`-byte disk, and takes the new file's lock.
+    /// a `size`-byte disk.
     pub fn recreate(&mut self, format: Format, size: u64) -> Result<(), AgentError> {
         let dir = self.dir_handle()?;
         sysfs::unlink_in(self.dir.as_fd(), &self.file_name)
             .map_err(|e| self.io_err("remove the empty image", e))?;
         crate::image::create(format, &dir, &self.file_name, size).map_err(super::image_error)?;
-        let file = dir
+        self.file = dir
             .open_rw(&self.file_name)
             .map_err(|e| self.io_err("open", e))?;
-        if !sysfs::try_lock_exclusive(&file).map_err(|e| self.io_err("lock", e))? {
-            return Err(AgentError::refused(
-                ErrorCode::Busy,
-                format!("{} is in use by another ferry session", self.name),
-            ));
-        }
-        let _ = sysfs::unlock(&self.file);
-        self.file = file;
         Ok(())
     }
 
@@ -243,8 +270,11 @@ enum Mode {
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if let Err(e) = sysfs::unlock(&self.file) {
-            tracing::warn!(image = %self.name, "unlocking the image failed: {e}");
+        // Explicitly: a forked child may still hold a copy of the fds.
+        for file in self.lock.iter().chain(std::iter::once(&self.file)) {
+            if let Err(e) = sysfs::unlock(file) {
+                tracing::warn!(image = %self.name, "unlocking the image failed: {e}");
+            }
         }
     }
 }

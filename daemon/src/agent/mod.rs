@@ -279,7 +279,9 @@ impl Session {
         let mut image = if hello.read_only {
             Image::open_read_only(root, &hello.image)?
         } else if hello.manage {
-            Image::open_existing(root, &hello.image)?
+            let mut image = Image::open_existing(root, &hello.image)?;
+            image.lock_session()?;
+            image
         } else {
             Image::open(root, &hello.image)?
         };
@@ -386,6 +388,7 @@ impl Session {
         // between leaves an empty image, never a full-size one under a stale
         // generation.
         let claim = found.is_none() || fresh;
+        image.lock_session()?;
         if claim {
             image.write_record(&CommitRecord::new(
                 hello.source_id,

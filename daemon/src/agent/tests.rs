@@ -231,8 +231,8 @@ fn a_full_session_applies_data_and_zeros_and_acks_a_durable_commit() {
     assert_eq!(mode(image.clone()), 0o600);
     assert_eq!(
         tmp.names(&root),
-        ["disk.raw", "disk.raw.ferry.json"],
-        "no temp files left"
+        ["disk.raw", "disk.raw.ferry.json", "disk.raw.ferry.lock"],
+        "no temp files left (the session lock stays)"
     );
 
     // The next session finds the commit.
@@ -270,7 +270,7 @@ fn images_may_live_in_existing_subdirectories_only() {
     result.unwrap();
     assert_eq!(
         tmp.names(&root.join("vm")),
-        ["disk.raw", "disk.raw.ferry.json"]
+        ["disk.raw", "disk.raw.ferry.json", "disk.raw.ferry.lock"]
     );
 }
 
@@ -406,7 +406,7 @@ fn a_record_left_by_a_deleted_image_is_not_trusted() {
     );
     assert_eq!(
         tmp.names(&root),
-        ["disk.raw.ferry.json"],
+        ["disk.raw.ferry.json", "disk.raw.ferry.lock"],
         "refusal created nothing"
     );
 }
@@ -663,7 +663,10 @@ fn a_stale_temp_record_is_replaced_and_none_is_left() {
         )
         .0
         .unwrap();
-        assert_eq!(tmp.names(&root), ["disk.raw", "disk.raw.ferry.json"]);
+        assert_eq!(
+            tmp.names(&root),
+            ["disk.raw", "disk.raw.ferry.json", "disk.raw.ferry.lock"]
+        );
     }
     let rec = tmp.record("disk.raw");
     assert_eq!((rec.generation, rec.bytes), (3, 4096));

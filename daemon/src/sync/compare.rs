@@ -12,7 +12,7 @@ use super::{session::Session, SyncError};
 use crate::{hash, protocol::Message};
 
 /// Bytes covered by one hash request.
-const WINDOW: u64 = 256 << 20;
+const WINDOW: u64 = 64 << 20;
 /// Requests kept in flight.
 const AHEAD: usize = 4;
 

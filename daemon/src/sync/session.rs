@@ -25,6 +25,8 @@ pub const CORRUPT_FRAME_ENV: &str = "FERRY_TEST_CORRUPT_FRAME";
 pub struct Session {
     tx: Option<io::PipeWriter>,
     replies: Receiver<Result<Message, ProtocolError>>,
+    /// Replies `check` saw early, kept for `recv` in order.
+    early: std::collections::VecDeque<Message>,
     reader: Option<JoinHandle<()>>,
     worker: Option<JoinHandle<Result<LinkEnd, TransportError>>>,
     pub peer: String,
@@ -64,6 +66,7 @@ impl Session {
         Self {
             tx: Some(tx),
             replies,
+            early: std::collections::VecDeque::new(),
             reader,
             worker: Some(worker),
             peer,
@@ -113,25 +116,36 @@ impl Session {
         Ok(())
     }
 
-    /// Fails if the agent has sent an error (never waits).
+    /// Fails if the agent has sent an error (never waits). Other replies
+    /// that already arrived (answers to requests sent ahead) are kept for
+    /// [`Session::recv`].
     pub fn check(&mut self) -> Result<(), SyncError> {
-        match self.replies.try_recv() {
-            Ok(Ok(Message::Error { code, message })) => Err(SyncError::Refused {
-                peer: self.peer.clone(),
-                code,
-                message,
-            }),
-            Ok(Ok(other)) => Err(self.unexpected(other, "nothing")),
-            Ok(Err(e)) => Err(SyncError::Protocol {
-                peer: self.peer.clone(),
-                source: e,
-            }),
-            Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => Ok(()),
+        loop {
+            match self.replies.try_recv() {
+                Ok(Ok(Message::Error { code, message })) => {
+                    return Err(SyncError::Refused {
+                        peer: self.peer.clone(),
+                        code,
+                        message,
+                    })
+                }
+                Ok(Ok(other)) => self.early.push_back(other),
+                Ok(Err(e)) => {
+                    return Err(SyncError::Protocol {
+                        peer: self.peer.clone(),
+                        source: e,
+                    })
+                }
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return Ok(()),
+            }
         }
     }
 
     /// Waits for the next reply; an agent error becomes `Refused`.
     pub fn recv(&mut self) -> Result<Message, SyncError> {
+        if let Some(msg) = self.early.pop_front() {
+            return Ok(msg);
+        }
         match self.replies.recv() {
             Ok(Ok(Message::Error { code, message })) => Err(SyncError::Refused {
                 peer: self.peer.clone(),
