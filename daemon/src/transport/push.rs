@@ -1,8 +1,8 @@
 //! Making sure the target runs an agent of this very ferry.
 //!
-//! In order: a `ferry` on the target's PATH that reports this version; a
-//! copy pushed earlier, found by the hash of this binary and checked again;
-//! otherwise this binary is pushed over SFTP into
+//! In order: a copy pushed earlier, found by the hash of this binary
+//! (checked when it was pushed); a `ferry` on the target's PATH that reports
+//! this version; otherwise this binary is pushed over SFTP into
 //! `~/.cache/ferry/agent-<sha256 prefix>/` (mode 0700), read back, checked
 //! against its SHA-256, and only then renamed into place and run.
 
@@ -47,11 +47,6 @@ pub fn remote_ferry(session: &Session, host: &str) -> Result<String, TransportEr
         host: host.to_owned(),
         reason,
     };
-    if let Ok((0, out)) = run(session, "ferry --version 2>/dev/null") {
-        if out.trim() == version_line() && std::env::var_os("FERRY_ALWAYS_PUSH").is_none() {
-            return Ok("ferry".to_owned());
-        }
-    }
     let (bytes, hash) = own_binary().map_err(push_err)?;
     let sftp = session.sftp().map_err(|e| push_err(format!("SFTP: {e}")))?;
     let home = sftp
@@ -61,8 +56,20 @@ pub fn remote_ferry(session: &Session, host: &str) -> Result<String, TransportEr
         .join(".cache/ferry")
         .join(format!("agent-{}", &hash[..16]));
     let path = dir.join("ferry");
-    if sftp.stat(&path).is_ok() && remote_hash(&sftp, &path).ok().as_deref() == Some(hash) {
+    // A copy under this hash's name was checked when it was pushed and only
+    // then renamed into place, in a directory only its owner can write; the
+    // size guards against a truncated file without reading it all back.
+    if sftp
+        .stat(&path)
+        .is_ok_and(|st| st.size == Some(bytes.len() as u64))
+    {
         return Ok(shell_quote(&path.to_string_lossy()));
+    }
+    // Running a command costs a round trip and a login shell: only now.
+    if let Ok((0, out)) = run(session, "ferry --version 2>/dev/null") {
+        if out.trim() == version_line() {
+            return Ok("ferry".to_owned());
+        }
     }
     for d in [home.join(".cache"), home.join(".cache/ferry"), dir.clone()] {
         if sftp.stat(&d).is_err() {
