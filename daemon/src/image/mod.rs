@@ -26,6 +26,8 @@ use std::{
 
 use crate::sys::fs::{self as sysfs, Open};
 
+pub mod vhdx;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{file}: {op} failed")]
