@@ -249,7 +249,7 @@ pub fn utf16_bytes(s: &str) -> Vec<u8> {
 }
 
 pub fn utf16_string(b: &[u8]) -> Option<String> {
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     let units: Vec<u16> = b.chunks_exact(2).map(|c| le16(c, 0)).collect();

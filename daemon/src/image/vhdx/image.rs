@@ -103,6 +103,9 @@ const METADATA_LENGTH: u64 = MIB;
 const BAT_OFFSET: u64 = 3 * MIB;
 const ITEMS_AT: u32 = 64 * 1024;
 const LOCATOR_AT: u32 = 68 * 1024;
+/// Cached sector bitmaps kept past a flush (512 bytes each with 2 MiB
+/// blocks).
+const BITMAP_CACHE_BLOCKS: usize = 1 << 16;
 
 impl Image {
     /// Writes a new VHDX into `file` (empty) and opens it for writing.
@@ -407,7 +410,7 @@ impl Image {
             return Err(corrupt(name, "sector sizes must be 512 or 4096"));
         }
         if disk_size == 0
-            || disk_size % u64::from(logical_sector) != 0
+            || !disk_size.is_multiple_of(u64::from(logical_sector))
             || disk_size > f::MAX_DISK_SIZE
         {
             return Err(corrupt(name, format!("virtual disk size {disk_size}")));
@@ -895,7 +898,9 @@ impl Image {
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
         debug_assert!(self.session_open);
         let lss = self.geo.logical_sector;
-        if self.geo.has_parent && (offset % lss != 0 || data.len() as u64 % lss != 0) {
+        if self.geo.has_parent
+            && (!offset.is_multiple_of(lss) || !(data.len() as u64).is_multiple_of(lss))
+        {
             return Err(corrupt(
                 &self.name,
                 "unaligned write into a differencing file",
@@ -1006,6 +1011,11 @@ impl Image {
         self.sync()?;
         self.dirty_bat.clear();
         self.dirty_bitmaps.clear();
+        // Every cached bitmap is clean now; keep the cache from growing
+        // with the number of partially present blocks ever touched.
+        if self.bitmaps.len() > BITMAP_CACHE_BLOCKS {
+            self.bitmaps.clear();
+        }
         Ok(())
     }
 

@@ -126,7 +126,7 @@ impl Vhdx {
     /// Creates `name` (a dynamic VHDX of `size` bytes) and its sidecar.
     pub fn create(dir: &Dir, name: &str, size: u64) -> Result<Self, ImageError> {
         check_name(name)?;
-        if size == 0 || size % 512 != 0 || size > format::MAX_DISK_SIZE {
+        if size == 0 || !size.is_multiple_of(512) || size > format::MAX_DISK_SIZE {
             return Err(unsupported(
                 name,
                 format!("a disk of {size} bytes (a multiple of 512 up to 64 TiB is needed)"),
@@ -305,27 +305,33 @@ impl Vhdx {
                 .map(|b| b.file.as_str())
                 .chain(std::iter::once(self.state.top.as_str()))
                 .collect();
-            let mut todo = None;
-            for n in nodes.iter().filter(|n| !named.contains(n.name.as_str())) {
-                let children: Vec<&Node> = nodes
+            let children = |name: &str| -> Vec<&Node> {
+                nodes
                     .iter()
-                    .filter(|c| c.parent.as_deref() == Some(n.name.as_str()))
-                    .collect();
-                todo = match children.as_slice() {
-                    [] => Some(Tidy::Remove(n.name.clone())),
-                    [c] => Some(Tidy::PullUp {
-                        child: c.name.clone(),
-                        into: n.name.clone(),
-                        grandchildren: nodes
-                            .iter()
-                            .filter(|g| g.parent.as_deref() == Some(c.name.as_str()))
-                            .map(|g| g.name.clone())
-                            .collect(),
-                    }),
-                    _ => continue,
-                };
-                break;
-            }
+                    .filter(|c| c.parent.as_deref() == Some(name))
+                    .collect()
+            };
+            let unnamed = nodes.iter().filter(|n| !named.contains(n.name.as_str()));
+            // Removals first: a pull-up into a file about to go is wasted.
+            let remove = unnamed
+                .clone()
+                .find(|n| children(&n.name).is_empty())
+                .map(|n| Tidy::Remove(n.name.clone()));
+            let todo = remove.or_else(|| {
+                unnamed
+                    .filter_map(|n| match children(&n.name).as_slice() {
+                        [c] => Some(Tidy::PullUp {
+                            child: c.name.clone(),
+                            into: n.name.clone(),
+                            grandchildren: children(&c.name)
+                                .iter()
+                                .map(|g| g.name.clone())
+                                .collect(),
+                        }),
+                        _ => None,
+                    })
+                    .next()
+            });
             let Some(todo) = todo else { return Ok(()) };
             self.chain.clear();
             match todo {
@@ -465,7 +471,7 @@ impl Standby for Vhdx {
         }
         let end = offset + data.len() as u64;
         let mut at = offset;
-        if at % lss != 0 {
+        if !at.is_multiple_of(lss) {
             let piece_end = at.next_multiple_of(lss).min(end);
             self.write_partial_sector(at, &data[..(piece_end - at) as usize])?;
             at = piece_end;
@@ -493,12 +499,12 @@ impl Standby for Vhdx {
         let (lss, bs) = (geo.logical_sector, geo.block_size);
         let (mut at, mut end) = (offset, offset + len);
         if geo.has_parent {
-            if at % lss != 0 {
+            if !at.is_multiple_of(lss) {
                 let piece_end = at.next_multiple_of(lss).min(end);
                 self.write_partial_sector(at, &vec![0; (piece_end - at) as usize])?;
                 at = piece_end;
             }
-            if end % lss != 0 && end / lss * lss >= at {
+            if !end.is_multiple_of(lss) && end / lss * lss >= at {
                 let start = end / lss * lss;
                 self.write_partial_sector(start, &vec![0; (end - start) as usize])?;
                 end = start;
