@@ -17,6 +17,16 @@
 //! costs little in a test image (fresh blocks are sparse), big enough to keep
 //! the BAT small (4 MiB per TiB).
 //!
+//! # Writes and crashes
+//!
+//! The log stays empty; `image` orders metadata writes instead. New blocks
+//! are appended and referenced (BAT entry, sector bitmap bits) only by
+//! `flush`, after the data is durable: a crash before `flush` loses writes
+//! into blocks allocated since the last one and leaves every file valid;
+//! writes into sectors already present may land, as on a disk. The first
+//! change in a session rewrites both headers (new FileWriteGuid, and a new
+//! DataWriteGuid before the first change of content).
+//!
 //! # Boot points
 //!
 //! Taking boot point `V` freezes the top (it is never written again, so its

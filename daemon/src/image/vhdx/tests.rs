@@ -785,6 +785,46 @@ fn boot_points_are_limited() {
     }
 }
 
+/// What a crash before `flush` leaves: allocations made since the last
+/// flush are not referenced yet (their BAT entries and bitmap bits live in
+/// memory until then), so the files still open, clean, with the content of
+/// the last flush.
+#[test]
+fn a_crash_before_flush_leaves_valid_files() {
+    let tmp = TempDir::new("crash");
+    let mut model = vec![0u8; SIZE as usize];
+    let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
+    v.write_at(0, &[1; 8192]).unwrap();
+    model[..8192].fill(1);
+    v.flush().unwrap();
+    // Fresh blocks only, then no flush and no Drop.
+    v.write_at(8 * MIB, &[2; 4096]).unwrap();
+    v.write_zeroes(0, 512).unwrap();
+    model[..512].fill(0);
+    std::mem::forget(v);
+    let mut v = Vhdx::open(&tmp.dir(), "web.vhdx").unwrap();
+    assert!(read_image(&mut v) == model);
+    v.create_boot_point("V1").unwrap();
+    let m1 = model.clone();
+    v.write_at(4 * MIB, &[3; 1024]).unwrap();
+    model[4 * MIB as usize..4 * MIB as usize + 1024].fill(3);
+    v.flush().unwrap();
+    // A partially present block and a new sector bitmap block, unflushed.
+    v.write_at(12 * MIB + 512, &[4; 512]).unwrap();
+    v.write_at(4 * MIB + 1024, &[4; 512]).unwrap();
+    std::mem::forget(v);
+    let mut v = Vhdx::open(&tmp.dir(), "web.vhdx").unwrap();
+    check_everything(&tmp, &mut v, &model, &[("V1".into(), m1.clone())]);
+    drop(v);
+    qemu_agrees(&tmp, "web.vhdx", &m1);
+}
+
+#[test]
+fn the_image_can_move_between_threads() {
+    fn is_send<T: Send>() {}
+    is_send::<Vhdx>();
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Write { at: u64, len: usize, seed: u8 },
