@@ -28,6 +28,7 @@ use crate::sys::fs::{self as sysfs, Open};
 
 pub mod raw;
 pub mod vmdk;
+pub mod vhdx;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -270,6 +271,7 @@ pub fn create(format: Format, dir: &Dir, name: &str, size: u64) -> Result<(), Im
                 .map_err(ImageError::io(name, format!("extend to {size} bytes")))
         }
         Format::Vmdk => vmdk::Vmdk::create(dir, name, size).map(drop),
+        Format::Vhdx => vhdx::Vhdx::create(dir, name, size).map(drop),
         other => Err(ImageError::Unsupported {
             file: name.to_owned(),
             format: other.name(),
@@ -283,6 +285,7 @@ pub fn open(format: Format, dir: Dir, name: &str) -> Result<Box<dyn Standby>, Im
     match format {
         Format::Raw => Ok(Box::new(raw::Raw::open(dir, name)?)),
         Format::Vmdk => Ok(Box::new(vmdk::Vmdk::open(&dir, name)?)),
+        Format::Vhdx => Ok(Box::new(vhdx::Vhdx::open(&dir, name)?)),
         other => Err(ImageError::Unsupported {
             file: name.to_owned(),
             format: other.name(),
