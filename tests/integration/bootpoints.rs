@@ -237,3 +237,143 @@ fn bad_boot_point_input_is_refused() {
         "bad input changed the target"
     );
 }
+
+/// What `qemu-img compare` says of an image and a raw file.
+fn qemu_same(format: &str, image: &Path, raw: &Path) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", format, "-F", "raw"])
+        .arg(image)
+        .arg(raw)
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+/// A VMDK boot point's file, from the format's own list beside the image.
+fn vmdk_point_file(dir: &Path, name: &str) -> std::path::PathBuf {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("web.vmdk.bootpoints.json")).unwrap())
+            .unwrap();
+    let file = v["boot_points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {v}"))["file"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    dir.join(file)
+}
+
+/// A VHDX boot point's content, read by the independent VHDX reader (qemu
+/// cannot read differencing VHDX).
+fn vhdx_point_bytes(dir: &Path, name: &str) -> Vec<u8> {
+    use ferry::image::{vhdx, Dir};
+    let d = Dir::open(dir).unwrap();
+    let image = vhdx::Vhdx::open(&d, "web.vhdx").unwrap();
+    let file = image.boot_point_file(name).unwrap().to_owned();
+    vhdx::reader::ChainReader::open(&d, &file)
+        .unwrap()
+        .read_all()
+        .unwrap()
+}
+
+#[test]
+fn vmdk_and_vhdx_standbys_with_boot_points() {
+    if !privileged("vmdk_and_vhdx_standbys_with_boot_points") {
+        return;
+    }
+    for format in ["vmdk", "vhdx"] {
+        let dev = LoopDev::new(32 * MIB);
+        let dir = TempDir::new();
+        let f = Ferry::new();
+        let image = dir.join(&format!("web.{format}"));
+        let url = format!("file://{}", image.display());
+        write_random(&dev.path, 0, 4 * MIB as usize, 1);
+        let s1 = f.json(&["sync", dev.arg(), &url, "--boot-point"]);
+        let v1 = s1["boot_point"]["name"].as_str().unwrap().to_owned();
+        let at_v1 = dir.join("at_v1.raw");
+        std::fs::copy(&dev.backing, &at_v1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        write_random(&dev.path, 2 * MIB, 4 * MIB as usize, 2);
+        write_random(&dev.path, 20 * MIB, MIB as usize, 3);
+        let s2 = f.json(&["sync", dev.arg(), &url, "--boot-point"]);
+        assert_eq!(s2["mode"], "incremental", "{s2}");
+        let v2 = s2["boot_point"]["name"].as_str().unwrap().to_owned();
+        assert_eq!(names(&list(&f, &url)), vec![v1.clone(), v2.clone()]);
+        // The working image holds the source, and each boot point its time.
+        let v = f.json(&["verify", dev.arg(), &url]);
+        assert_eq!(v["identical"], true, "{format}: {v}");
+        match format {
+            "vmdk" => {
+                assert!(qemu_same("vmdk", &image, &dev.backing), "vmdk top");
+                assert!(
+                    qemu_same("vmdk", &vmdk_point_file(&dir.path, &v1), &at_v1),
+                    "vmdk V1"
+                );
+                assert!(
+                    qemu_same("vmdk", &vmdk_point_file(&dir.path, &v2), &dev.backing),
+                    "vmdk V2"
+                );
+                let check = Command::new("qemu-img")
+                    .args(["check", "-f", "vmdk"])
+                    .arg(&image)
+                    .output()
+                    .unwrap();
+                assert!(
+                    check.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&check.stdout)
+                );
+            }
+            _ => {
+                assert_eq!(
+                    vhdx_point_bytes(&dir.path, &v1),
+                    std::fs::read(&at_v1).unwrap(),
+                    "vhdx V1"
+                );
+                assert_eq!(
+                    vhdx_point_bytes(&dir.path, &v2),
+                    std::fs::read(&dev.backing).unwrap(),
+                    "vhdx V2"
+                );
+                let base = dir.join("web.vhdx");
+                let check = Command::new("qemu-img")
+                    .args(["check", "-f", "vhdx"])
+                    .arg(&base)
+                    .output()
+                    .unwrap();
+                assert!(
+                    check.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&check.stdout)
+                );
+            }
+        }
+        // Retention at 2: the oldest goes, the newest keeps its content.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let s3 = f.json(&[
+            "sync",
+            dev.arg(),
+            &url,
+            "--boot-point",
+            "--max-boot-points",
+            "2",
+        ]);
+        assert_eq!(s3["boot_point"]["merged"], v1.as_str(), "{s3}");
+        let v3 = s3["boot_point"]["name"].as_str().unwrap().to_owned();
+        assert_eq!(names(&list(&f, &url)), vec![v2.clone(), v3]);
+        match format {
+            "vmdk" => assert!(qemu_same(
+                "vmdk",
+                &vmdk_point_file(&dir.path, &v2),
+                &dev.backing
+            )),
+            _ => assert_eq!(
+                vhdx_point_bytes(&dir.path, &v2),
+                std::fs::read(&dev.backing).unwrap()
+            ),
+        }
+    }
+}

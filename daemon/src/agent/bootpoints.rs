@@ -1,5 +1,5 @@
 //! Boot points as the agent keeps them: the format holds their content, and
-//! `IMAGE.bootpoints.json` beside the image holds what the format cannot:
+//! `IMAGE.ferry-bootpoints.json` beside the image holds what the format cannot:
 //! when each was taken, whether it is crash- or app-consistent, and the
 //! source generation it holds.
 
@@ -36,7 +36,7 @@ pub struct BootPointList {
 }
 
 fn sidecar(file_name: &str) -> String {
-    format!("{file_name}.bootpoints.json")
+    format!("{file_name}.ferry-bootpoints.json")
 }
 
 fn load(dir: &Dir, file_name: &str) -> Vec<BootPointInfo> {

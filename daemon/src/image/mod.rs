@@ -27,8 +27,8 @@ use std::{
 use crate::sys::fs::{self as sysfs, Open};
 
 pub mod raw;
-pub mod vmdk;
 pub mod vhdx;
+pub mod vmdk;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
