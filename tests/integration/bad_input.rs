@@ -129,7 +129,7 @@ fn bad_sync_input_is_refused_and_changes_nothing() {
     refused(
         &f,
         &["sync", u, &format!("{url}?format=qcow9")],
-        "not supported",
+        "unknown image format",
     );
     refused(&f, &["sync", u, &url, "--bwlimit", "12Q"], "unknown unit");
     refused(&f, &["sync", u, &url, "--ioprio", "urgent"], "urgent");
