@@ -150,6 +150,9 @@ pub struct Qcow2 {
     /// stopped there.
     #[cfg(test)]
     crash_after: Option<u64>,
+    /// Test hook: skip syncs (a simulated crash keeps the page cache).
+    #[cfg(test)]
+    skip_sync: bool,
 }
 
 impl Qcow2 {
@@ -274,6 +277,8 @@ impl Qcow2 {
             unsynced: false,
             #[cfg(test)]
             crash_after: None,
+            #[cfg(test)]
+            skip_sync: false,
         };
 
         let mut table = vec![0u8; (u64::from(h.rt_clusters) * cluster) as usize];
@@ -426,6 +431,10 @@ impl Qcow2 {
 
     /// Orders the writes before it against those after it.
     fn sync(&mut self) -> Result<(), ImageError> {
+        #[cfg(test)]
+        if self.skip_sync {
+            self.unsynced = false;
+        }
         if self.unsynced {
             self.file
                 .sync_data()
