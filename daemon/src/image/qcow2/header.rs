@@ -93,7 +93,10 @@ impl Header {
         }
         let cluster_bits = be32(head, 20);
         if cluster_bits < 9 {
-            return Err(corrupt(file, format!("cluster_bits {cluster_bits} below 9")));
+            return Err(corrupt(
+                file,
+                format!("cluster_bits {cluster_bits} below 9"),
+            ));
         }
         if cluster_bits > 21 {
             return Err(unsupported(
@@ -123,7 +126,7 @@ impl Header {
                 ));
             }
             let len = be32(head, 100) as usize;
-            if len < V3_MIN_LEN || len % 8 != 0 || len as u64 > cluster {
+            if len < V3_MIN_LEN || !len.is_multiple_of(8) || len as u64 > cluster {
                 return Err(corrupt(file, format!("header_length {len}")));
             }
             (len, be64(head, 88))
@@ -153,7 +156,7 @@ impl Header {
     fn check_tables(&self, file_len: u64, file: &str) -> Result<(), ImageError> {
         let cluster = 1u64 << self.cluster_bits;
         let inside = |what: &str, offset: u64, len: u64| -> Result<(), ImageError> {
-            if offset % cluster != 0 {
+            if !offset.is_multiple_of(cluster) {
                 return Err(corrupt(
                     file,
                     format!("{what} offset {offset:#x} is not cluster-aligned"),
@@ -335,7 +338,10 @@ mod tests {
             edit(&mut b);
             Header::parse(&b, 4 << 16, "t").unwrap_err()
         };
-        assert!(matches!(parse(&|b| b[0] = b'X'), ImageError::Corrupt { .. }));
+        assert!(matches!(
+            parse(&|b| b[0] = b'X'),
+            ImageError::Corrupt { .. }
+        ));
         assert!(matches!(
             parse(&|b| b[7] = 4),
             ImageError::Unsupported { .. }

@@ -53,7 +53,7 @@ impl Qcow2 {
         let host = e & L2E_OFFSET_MASK;
         if e & L2E_RESERVED != 0
             || (self.version < 3 && e & ZERO_FLAG != 0)
-            || host % self.cluster_size() != 0
+            || !host.is_multiple_of(self.cluster_size())
             || host >> self.cluster_bits >= self.end
             || (host == 0 && e & COPIED != 0)
         {
@@ -192,13 +192,17 @@ impl Qcow2 {
         // A new cluster: the old content (shared, so copied) or zeroes
         // around the new data, written whole so no stale bytes of a reused
         // cluster show through.
-        let mut buf = vec![0u8; cluster as usize];
-        if host != 0 && !reads_zero && (data.len() as u64) < cluster {
-            self.read_data(host, &mut buf)?;
-        }
-        buf[within as usize..within as usize + data.len()].copy_from_slice(data);
         let new = self.alloc_cluster()?;
-        self.write(new, &buf, "write data")?;
+        if data.len() as u64 == cluster {
+            self.write(new, data, "write data")?;
+        } else {
+            let mut buf = vec![0u8; cluster as usize];
+            if host != 0 && !reads_zero {
+                self.read_data(host, &mut buf)?;
+            }
+            buf[within as usize..within as usize + data.len()].copy_from_slice(data);
+            self.write(new, &buf, "write data")?;
+        }
         let t = self.l2_table(l2_off)?;
         t.entries[i] = new | COPIED;
         t.dirty = true;

@@ -32,6 +32,9 @@
 //! - every boot point operation ends with [`Qcow2::commit`], so the set of
 //!   snapshots in memory is the set on disk whenever guest data is written.
 //!
+//! Dropping an image commits its metadata (best effort, logged on failure);
+//! only [`Standby::flush`] reports errors and ends with `fsync`.
+//!
 //! Known window: a crash in the middle of [`Standby::create_boot_point`]
 //! can leave COPIED clear on clusters whose refcount is 1. That only costs
 //! a needless copy on the next write (which sets the flag again), but
@@ -153,6 +156,10 @@ pub struct Qcow2 {
     /// Test hook: skip syncs (a simulated crash keeps the page cache).
     #[cfg(test)]
     skip_sync: bool,
+    /// Test hook: `crash_after` when a commit began writing a moved
+    /// refcount table.
+    #[cfg(test)]
+    table_moved_at: Option<u64>,
 }
 
 impl Qcow2 {
@@ -167,7 +174,7 @@ impl Qcow2 {
         size: u64,
         cluster_bits: u32,
     ) -> Result<Self, ImageError> {
-        if size == 0 || size % 512 != 0 {
+        if size == 0 || !size.is_multiple_of(512) {
             return Err(unsupported(
                 name,
                 format!("a disk of {size} bytes (not a positive multiple of 512)"),
@@ -214,7 +221,8 @@ impl Qcow2 {
             write(2 * cluster, &block)?;
             write(3 * cluster, &vec![0u8; (l1_clusters * cluster) as usize])?;
             file.sync_all().map_err(ImageError::io(name, "sync"))?;
-            dir.sync().map_err(ImageError::io(name, "sync the directory"))
+            dir.sync()
+                .map_err(ImageError::io(name, "sync the directory"))
         })();
         drop(file);
         if let Err(e) = result {
@@ -228,10 +236,7 @@ impl Qcow2 {
     /// tables it points to.
     pub fn open(dir: &Dir, name: &str) -> Result<Self, ImageError> {
         let file = dir.open_rw(name).map_err(ImageError::io(name, "open"))?;
-        let file_len = file
-            .metadata()
-            .map_err(ImageError::io(name, "stat"))?
-            .len();
+        let file_len = file.metadata().map_err(ImageError::io(name, "stat"))?.len();
         // Enough for the largest cluster 0 qemu allows.
         let mut head = vec![0u8; file_len.min(2 << 20) as usize];
         file.read_exact_at(&mut head, 0)
@@ -279,6 +284,8 @@ impl Qcow2 {
             crash_after: None,
             #[cfg(test)]
             skip_sync: false,
+            #[cfg(test)]
+            table_moved_at: None,
         };
 
         let mut table = vec![0u8; (u64::from(h.rt_clusters) * cluster) as usize];
@@ -286,7 +293,9 @@ impl Qcow2 {
         img.rt = be64s(&table);
         for (t, &e) in img.rt.iter().enumerate() {
             let off = e & !RT_RESERVED;
-            if e & RT_RESERVED != 0 || off % cluster != 0 || off.saturating_add(cluster) > file_len
+            if e & RT_RESERVED != 0
+                || !off.is_multiple_of(cluster)
+                || off.saturating_add(cluster) > file_len
             {
                 return Err(corrupt(
                     name,
@@ -327,7 +336,11 @@ impl Qcow2 {
         if h.autoclear != 0 {
             // The spec lets a writer that does not know these features use
             // the image once it clears their bits.
-            img.write(field::AUTOCLEAR, &0u64.to_be_bytes(), "clear autoclear bits")?;
+            img.write(
+                field::AUTOCLEAR,
+                &0u64.to_be_bytes(),
+                "clear autoclear bits",
+            )?;
             img.sync()?;
         }
         Ok(img)
@@ -363,7 +376,7 @@ impl Qcow2 {
         for (i, &e) in l1.iter().enumerate() {
             let off = e & L1E_OFFSET_MASK;
             if e & L1E_RESERVED != 0
-                || off % self.cluster_size() != 0
+                || !off.is_multiple_of(self.cluster_size())
                 || off >> self.cluster_bits >= self.end
                 || (off == 0 && e & COPIED != 0)
             {
@@ -446,6 +459,10 @@ impl Qcow2 {
 
     /// Makes every change durable, in the order the module docs give.
     fn commit(&mut self) -> Result<(), ImageError> {
+        #[cfg(test)]
+        if self.rt_moved && self.table_moved_at.is_none() {
+            self.table_moved_at = self.crash_after;
+        }
         // 1. New clusters' contents and refcounts before anything points at
         //    them.
         self.write_blocks()?;

@@ -309,7 +309,10 @@ impl Qcow2 {
     /// The refcount table as it goes to disk, padded to whole clusters.
     pub(super) fn encode_table(&self) -> Vec<u8> {
         let mut buf: Vec<u8> = self.rt.iter().flat_map(|e| e.to_be_bytes()).collect();
-        buf.resize((u64::from(self.rt_clusters) * self.cluster_size()) as usize, 0);
+        buf.resize(
+            (u64::from(self.rt_clusters) * self.cluster_size()) as usize,
+            0,
+        );
         buf
     }
 }

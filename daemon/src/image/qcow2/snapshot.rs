@@ -125,8 +125,10 @@ pub(super) fn read_table(
                 format!("the snapshot table runs past the end of the file at {at:#x}"),
             ));
         }
-        file.read_exact_at(buf, at)
-            .map_err(ImageError::io(name, format!("read snapshot table at {at:#x}")))
+        file.read_exact_at(buf, at).map_err(ImageError::io(
+            name,
+            format!("read snapshot table at {at:#x}"),
+        ))
     };
     let mut snapshots = Vec::with_capacity(count as usize);
     let mut at = offset;
@@ -151,10 +153,9 @@ pub(super) fn read_table(
         read(at + FIXED_LEN as u64, &mut rest)?;
         let id = rest[extra_len..extra_len + id_len].to_vec();
         let snap_name = rest[extra_len + id_len..].to_vec();
-        if l1_offset % cluster != 0
+        if !l1_offset.is_multiple_of(cluster)
             || u64::from(l1_size) > MAX_L1_ENTRIES
-            || (l1_size > 0
-                && (l1_offset == 0 || l1_offset + u64::from(l1_size) * 8 > file_len))
+            || (l1_size > 0 && (l1_offset == 0 || l1_offset + u64::from(l1_size) * 8 > file_len))
         {
             return Err(corrupt(
                 name,

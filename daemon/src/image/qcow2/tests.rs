@@ -187,7 +187,11 @@ fn random_writes_read_back_and_pass_qemu_check() {
         write(&mut img, &mut model, offset, &pattern(len as usize, i));
         let mut back = vec![0u8; len as usize];
         img.read_at(offset, &mut back).unwrap();
-        assert_bytes("a write", &back, &model[offset as usize..(offset + len) as usize]);
+        assert_bytes(
+            "a write",
+            &back,
+            &model[offset as usize..(offset + len) as usize],
+        );
     }
     assert_reads(&mut img, &model);
     img.flush().unwrap();
@@ -209,10 +213,20 @@ fn small_clusters_grow_the_refcount_table() {
     let mut model = vec![0u8; size as usize];
     let first_table = img.rt_offset;
     for (i, offset) in (0..20 * MIB).step_by(MIB as usize).enumerate() {
-        write(&mut img, &mut model, offset, &pattern(MIB as usize, i as u64));
+        write(
+            &mut img,
+            &mut model,
+            offset,
+            &pattern(MIB as usize, i as u64),
+        );
     }
     img.create_boot_point("V1").unwrap();
-    write(&mut img, &mut model, 3 * MIB + 100, &pattern(3 * MIB as usize, 99));
+    write(
+        &mut img,
+        &mut model,
+        3 * MIB + 100,
+        &pattern(3 * MIB as usize, 99),
+    );
     assert_ne!(img.rt_offset, first_table, "the refcount table moved");
     img.flush().unwrap();
     assert_clean(&tmp.img());
@@ -385,7 +399,10 @@ fn damaged_headers_are_refused() {
         Qcow2::open(&tmp.dir, IMG).err().expect("refused")
     };
     let bad_magic = open_with(&|b| b[0..4].copy_from_slice(b"QFI\0"));
-    assert!(matches!(bad_magic, ImageError::Corrupt { .. }), "{bad_magic}");
+    assert!(
+        matches!(bad_magic, ImageError::Corrupt { .. }),
+        "{bad_magic}"
+    );
     let unknown_bit = open_with(&|b| b[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes()));
     assert!(
         matches!(unknown_bit, ImageError::Unsupported { .. }),
@@ -526,74 +543,110 @@ fn only_harmless_damage(path: &Path) -> Result<(), String> {
     }
 }
 
-#[test]
-fn a_crash_at_any_write_leaves_only_leaks() {
-    // Snapshot work, copy-on-write and frees, stopped after each write in
-    // turn; what reached the file must still be a sound image whose
-    // boot points hold what they held.
-    fn run(tmp: &TempDir, crash_after: u64) -> (u64, Vec<(String, Vec<u8>)>) {
-        let size = 4 * MIB;
-        let mut img = Qcow2::create_with(&tmp.dir, IMG, size, 12).unwrap();
-        img.skip_sync = true;
-        let mut model = vec![0u8; size as usize];
-        write(&mut img, &mut model, 0, &pattern(3 * MIB as usize, 1));
-        img.create_boot_point("V0").unwrap();
-        let mut points = vec![("V0".to_owned(), model.clone())];
-        write(&mut img, &mut model, MIB, &pattern(MIB as usize, 2));
-        img.flush().unwrap();
+/// The starting point of the crash tests: an image with boot point V0 and
+/// later writes, flushed. Returns the file and the models at V0 and now.
+fn crash_base(cluster_bits: u32, size: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let tmp = TempDir::new("crash-base");
+    let q = size / 4;
+    let mut img = Qcow2::create_with(&tmp.dir, IMG, size, cluster_bits).unwrap();
+    let mut model = vec![0u8; size as usize];
+    write(&mut img, &mut model, 0, &pattern(3 * q as usize, 1));
+    img.create_boot_point("V0").unwrap();
+    let v0 = model.clone();
+    write(&mut img, &mut model, q, &pattern(q as usize, 2));
+    img.flush().unwrap();
+    drop(img);
+    (fs::read(tmp.img()).unwrap(), v0, model)
+}
 
-        img.crash_after = Some(crash_after);
-        let steps = |img: &mut Qcow2, points: &mut Vec<(String, Vec<u8>)>| {
-            img.write_at(10_000, &pattern(MIB as usize, 3))?;
-            img.write_zeroes(2 * MIB - 5000, MIB)?;
-            let mut m = vec![0u8; size as usize];
-            img.read_at(0, &mut m)?;
-            points.push(("V1".to_owned(), m));
-            img.create_boot_point("V1")?;
-            img.write_at(3 * MIB, &pattern(MIB as usize, 4))?;
-            img.revert_to("V0")?;
-            img.write_at(500, &pattern(100_000, 5))?;
-            img.delete_boot_point("V0")?;
-            img.flush()
-        };
-        let result = steps(&mut img, &mut points);
-        let left = img.crash_after.unwrap();
-        assert_eq!(result.is_err(), left == 0, "{result:?}");
-        drop(img);
-        (crash_after - left, points)
-    }
-
-    let total = {
-        let tmp = TempDir::new("crash-count");
-        run(&tmp, u64::MAX / 2).0
+/// Opens `base` and runs snapshot work, copy-on-write and frees on it,
+/// stopped after write number `crash_after`. Returns how many writes were
+/// made, the boot points' models, and when a moved refcount table began to
+/// be committed (in writes).
+fn crash_run(
+    tmp: &TempDir,
+    base: &(Vec<u8>, Vec<u8>, Vec<u8>),
+    crash_after: u64,
+) -> (u64, Vec<(String, Vec<u8>)>, Option<u64>) {
+    fs::write(tmp.img(), &base.0).unwrap();
+    let mut img = Qcow2::open(&tmp.dir, IMG).unwrap();
+    img.skip_sync = true;
+    img.crash_after = Some(crash_after);
+    let size = img.size();
+    let q = size / 4;
+    let mut points = vec![("V0".to_owned(), base.1.clone())];
+    let steps = |img: &mut Qcow2, points: &mut Vec<(String, Vec<u8>)>| {
+        img.write_at(10_000, &pattern(q as usize, 3))?;
+        img.write_zeroes(2 * q - 5000, q)?;
+        let mut m = vec![0u8; size as usize];
+        img.read_at(0, &mut m)?;
+        // Pushed first: a boot point whose creation the crash cut short
+        // may be there or not, but if it is, it must be whole.
+        points.push(("V1".to_owned(), m));
+        img.create_boot_point("V1")?;
+        img.write_at(3 * q, &pattern(q as usize, 4))?;
+        img.revert_to("V0")?;
+        img.write_at(500, &pattern(100_000, 5))?;
+        img.delete_boot_point("V0")?;
+        img.flush()
     };
-    assert!(total > 20, "{total} writes");
-    let step = (total / 40).max(1);
-    for n in (0..total).step_by(step as usize).chain([total - 1]) {
+    let result = steps(&mut img, &mut points);
+    let left = img.crash_after.unwrap();
+    assert_eq!(result.is_err(), left == 0, "{result:?}");
+    let moved = img.table_moved_at.map(|at| crash_after - at);
+    drop(img);
+    (crash_after - left, points, moved)
+}
+
+/// Crashes the run after each write number in `crash_points` and checks
+/// what reached the file: a sound image whose boot points hold what they
+/// held, and that stays usable.
+fn crash_at(base: &(Vec<u8>, Vec<u8>, Vec<u8>), crash_points: impl Iterator<Item = u64>) {
+    for n in crash_points {
         let tmp = TempDir::new("crash");
-        let (_, points) = run(&tmp, n);
+        let (_, points, _) = crash_run(&tmp, base, n);
         if let Err(report) = only_harmless_damage(&tmp.img()) {
-            panic!("crash after {n} of {total} writes: {report}");
+            panic!("crash after write {n}: {report}");
         }
         let mut img = Qcow2::open(&tmp.dir, IMG).unwrap();
         let names = img.boot_points();
         for (name, model) in &points {
-            // A boot point taken or dropped in the crash may be either
-            // there or not; if there, it is whole.
             if names.contains(name) {
                 assert_snapshot(&tmp, name, model);
             }
         }
         assert!(names.iter().all(|n| n == "V0" || n == "V1"), "{names:?}");
-        // The image stays usable, and writing to it makes it clean again
-        // apart from leaks.
         img.write_at(0, &[1; 70_000]).unwrap();
         img.flush().unwrap();
         drop(img);
         if let Err(report) = only_harmless_damage(&tmp.img()) {
-            panic!("after crash at {n} and a write: {report}");
+            panic!("after a crash after write {n} and a write: {report}");
         }
     }
+}
+
+#[test]
+fn a_crash_at_any_write_leaves_only_leaks() {
+    let base = crash_base(12, 4 * MIB);
+    let (total, ..) = crash_run(&TempDir::new("crash-count"), &base, u64::MAX / 2);
+    assert!(total > 20, "{total} writes");
+    let step = (total / 40).max(1) as usize;
+    crash_at(&base, (0..total).step_by(step).chain([total - 1]));
+}
+
+#[test]
+fn a_crash_while_the_refcount_table_moves_leaves_only_leaks() {
+    // 512-byte clusters: the first refcount table counts 8 MiB of file,
+    // which the run outgrows.
+    let base = crash_base(9, 6 * MIB);
+    let (total, _, moved) = crash_run(&TempDir::new("crash-count"), &base, u64::MAX / 2);
+    let moved = moved.expect("the refcount table moved");
+    // Every write of the commit that moves the table up to its header
+    // switch, then a sample of the rest.
+    let dense = moved..(moved + 40).min(total);
+    let sparse = (moved + 40..(moved + 400).min(total)).step_by(10);
+    let spread = (0..total).step_by((total / 8).max(1) as usize);
+    crash_at(&base, dense.chain(sparse).chain(spread));
 }
 
 #[derive(Clone, Debug)]
