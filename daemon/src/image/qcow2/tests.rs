@@ -543,9 +543,25 @@ fn only_harmless_damage(path: &Path) -> Result<(), String> {
     }
 }
 
+/// Boot points by name, with their models.
+type Points = Vec<(String, Vec<u8>)>;
+
 /// The starting point of the crash tests: an image with boot point V0 and
-/// later writes, flushed. Returns the file and the models at V0 and now.
-fn crash_base(cluster_bits: u32, size: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+/// later writes, flushed.
+struct CrashBase {
+    file: Vec<u8>,
+    v0: Vec<u8>,
+}
+
+/// What a crash run did.
+struct CrashRun {
+    writes: u64,
+    points: Points,
+    /// Writes made when a commit began writing a moved refcount table.
+    table_moved: Option<u64>,
+}
+
+fn crash_base(cluster_bits: u32, size: u64) -> CrashBase {
     let tmp = TempDir::new("crash-base");
     let q = size / 4;
     let mut img = Qcow2::create_with(&tmp.dir, IMG, size, cluster_bits).unwrap();
@@ -556,26 +572,23 @@ fn crash_base(cluster_bits: u32, size: u64) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     write(&mut img, &mut model, q, &pattern(q as usize, 2));
     img.flush().unwrap();
     drop(img);
-    (fs::read(tmp.img()).unwrap(), v0, model)
+    CrashBase {
+        file: fs::read(tmp.img()).unwrap(),
+        v0,
+    }
 }
 
 /// Opens `base` and runs snapshot work, copy-on-write and frees on it,
-/// stopped after write number `crash_after`. Returns how many writes were
-/// made, the boot points' models, and when a moved refcount table began to
-/// be committed (in writes).
-fn crash_run(
-    tmp: &TempDir,
-    base: &(Vec<u8>, Vec<u8>, Vec<u8>),
-    crash_after: u64,
-) -> (u64, Vec<(String, Vec<u8>)>, Option<u64>) {
-    fs::write(tmp.img(), &base.0).unwrap();
+/// stopped after write number `crash_after`.
+fn crash_run(tmp: &TempDir, base: &CrashBase, crash_after: u64) -> CrashRun {
+    fs::write(tmp.img(), &base.file).unwrap();
     let mut img = Qcow2::open(&tmp.dir, IMG).unwrap();
     img.skip_sync = true;
     img.crash_after = Some(crash_after);
     let size = img.size();
     let q = size / 4;
-    let mut points = vec![("V0".to_owned(), base.1.clone())];
-    let steps = |img: &mut Qcow2, points: &mut Vec<(String, Vec<u8>)>| {
+    let mut points = vec![("V0".to_owned(), base.v0.clone())];
+    let steps = |img: &mut Qcow2, points: &mut Points| {
         img.write_at(10_000, &pattern(q as usize, 3))?;
         img.write_zeroes(2 * q - 5000, q)?;
         let mut m = vec![0u8; size as usize];
@@ -593,18 +606,22 @@ fn crash_run(
     let result = steps(&mut img, &mut points);
     let left = img.crash_after.unwrap();
     assert_eq!(result.is_err(), left == 0, "{result:?}");
-    let moved = img.table_moved_at.map(|at| crash_after - at);
+    let table_moved = img.table_moved_at.map(|at| crash_after - at);
     drop(img);
-    (crash_after - left, points, moved)
+    CrashRun {
+        writes: crash_after - left,
+        points,
+        table_moved,
+    }
 }
 
 /// Crashes the run after each write number in `crash_points` and checks
 /// what reached the file: a sound image whose boot points hold what they
 /// held, and that stays usable.
-fn crash_at(base: &(Vec<u8>, Vec<u8>, Vec<u8>), crash_points: impl Iterator<Item = u64>) {
+fn crash_at(base: &CrashBase, crash_points: impl Iterator<Item = u64>) {
     for n in crash_points {
         let tmp = TempDir::new("crash");
-        let (_, points, _) = crash_run(&tmp, base, n);
+        let points = crash_run(&tmp, base, n).points;
         if let Err(report) = only_harmless_damage(&tmp.img()) {
             panic!("crash after write {n}: {report}");
         }
@@ -628,7 +645,7 @@ fn crash_at(base: &(Vec<u8>, Vec<u8>, Vec<u8>), crash_points: impl Iterator<Item
 #[test]
 fn a_crash_at_any_write_leaves_only_leaks() {
     let base = crash_base(12, 4 * MIB);
-    let (total, ..) = crash_run(&TempDir::new("crash-count"), &base, u64::MAX / 2);
+    let total = crash_run(&TempDir::new("crash-count"), &base, u64::MAX / 2).writes;
     assert!(total > 20, "{total} writes");
     let step = (total / 40).max(1) as usize;
     crash_at(&base, (0..total).step_by(step).chain([total - 1]));
@@ -639,8 +656,9 @@ fn a_crash_while_the_refcount_table_moves_leaves_only_leaks() {
     // 512-byte clusters: the first refcount table counts 8 MiB of file,
     // which the run outgrows.
     let base = crash_base(9, 6 * MIB);
-    let (total, _, moved) = crash_run(&TempDir::new("crash-count"), &base, u64::MAX / 2);
-    let moved = moved.expect("the refcount table moved");
+    let run = crash_run(&TempDir::new("crash-count"), &base, u64::MAX / 2);
+    let total = run.writes;
+    let moved = run.table_moved.expect("the refcount table moved");
     // Every write of the commit that moves the table up to its header
     // switch, then a sample of the rest.
     let dense = moved..(moved + 40).min(total);
