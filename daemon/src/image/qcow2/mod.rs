@@ -27,10 +27,15 @@
 //!   table alone (refcount 1); everything shared with a snapshot is copied
 //!   first. The COPIED flag says so in the active tables; when it is clear
 //!   the refcount decides;
-//! - snapshot tables and L1 tables are never rewritten in place: a new copy
-//!   is written, the header switched to it, then the old one freed;
+//! - the snapshot table and snapshots' L1 tables are never rewritten in
+//!   place: a new copy is written, the header switched to it, then the old
+//!   one freed (a revert replaces the active L1 table the same way; writes
+//!   update it in place, entry by entry);
 //! - every boot point operation ends with [`Qcow2::commit`], so the set of
 //!   snapshots in memory is the set on disk whenever guest data is written.
+//!
+//! Memory: L2 tables are cached up to 32 MiB; every refcount block touched
+//! stays loaded (64 KiB per 2 GiB of file with 64 KiB clusters).
 //!
 //! Dropping an image commits its metadata (best effort, logged on failure);
 //! only [`Standby::flush`] reports errors and ends with `fsync`.
