@@ -16,6 +16,8 @@
 //! two oldest into one that holds the newer one's content, and leaves every
 //! other boot point as it was.
 
+pub mod qcow2;
+
 use std::{
     fs::File,
     io,
