@@ -179,6 +179,7 @@ fn bad_boot_point_input_is_refused() {
     let url = format!("file://{}", dir.join("raw.img").display());
     f.ok(&["sync", dev.arg(), &url, "--boot-point"]);
     let before = std::fs::read_dir(&dir.path).unwrap().count();
+    let qcow2 = format!("file://{}", dir.join("web.qcow2").display());
     for (args, needle) in [
         (
             vec!["boot-points", "revert", &url, "V20000101_000000"],
@@ -249,6 +250,29 @@ fn qemu_same(format: &str, image: &Path, raw: &Path) -> bool {
     out.status.success()
 }
 
+/// Whether internal snapshot `name` of `image` equals `raw`: qemu-img
+/// converts the snapshot to raw, then compares.
+fn qemu_same_at(format: &str, image: &Path, name: &str, raw: &Path) -> bool {
+    let out = raw.with_extension(format!("{name}.raw"));
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            format,
+            "-O",
+            "raw",
+            "-l",
+            &format!("snapshot.name={name}"),
+            image.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    let same = same_content(&out, raw);
+    let _ = std::fs::remove_file(&out);
+    same
+}
+
 /// A VMDK boot point's file, from the format's own list beside the image.
 fn vmdk_point_file(dir: &Path, name: &str) -> std::path::PathBuf {
     let v: serde_json::Value =
@@ -280,11 +304,11 @@ fn vhdx_point_bytes(dir: &Path, name: &str) -> Vec<u8> {
 }
 
 #[test]
-fn vmdk_and_vhdx_standbys_with_boot_points() {
-    if !privileged("vmdk_and_vhdx_standbys_with_boot_points") {
+fn qcow2_vmdk_and_vhdx_standbys_with_boot_points() {
+    if !privileged("qcow2_vmdk_and_vhdx_standbys_with_boot_points") {
         return;
     }
-    for format in ["vmdk", "vhdx"] {
+    for format in ["qcow2", "vmdk", "vhdx"] {
         let dev = LoopDev::new(32 * MIB);
         let dir = TempDir::new();
         let f = Ferry::new();
@@ -306,6 +330,23 @@ fn vmdk_and_vhdx_standbys_with_boot_points() {
         let v = f.json(&["verify", dev.arg(), &url]);
         assert_eq!(v["identical"], true, "{format}: {v}");
         match format {
+            "qcow2" => {
+                assert!(qemu_same("qcow2", &image, &dev.backing), "qcow2 top");
+                let snaps = run("qemu-img", &["snapshot", "-l", image.to_str().unwrap()]);
+                assert!(snaps.contains(&v1) && snaps.contains(&v2), "{snaps}");
+                assert!(qemu_same_at("qcow2", &image, &v1, &at_v1), "qcow2 V1");
+                assert!(qemu_same_at("qcow2", &image, &v2, &dev.backing), "qcow2 V2");
+                let check = Command::new("qemu-img")
+                    .args(["check", "-f", "qcow2"])
+                    .arg(&image)
+                    .output()
+                    .unwrap();
+                assert!(
+                    check.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&check.stdout)
+                );
+            }
             "vmdk" => {
                 assert!(qemu_same("vmdk", &image, &dev.backing), "vmdk top");
                 assert!(
@@ -365,6 +406,7 @@ fn vmdk_and_vhdx_standbys_with_boot_points() {
         let v3 = s3["boot_point"]["name"].as_str().unwrap().to_owned();
         assert_eq!(names(&list(&f, &url)), vec![v2.clone(), v3]);
         match format {
+            "qcow2" => assert!(qemu_same_at("qcow2", &image, &v2, &dev.backing)),
             "vmdk" => assert!(qemu_same(
                 "vmdk",
                 &vmdk_point_file(&dir.path, &v2),

@@ -131,9 +131,21 @@ pub fn apply(
                     ),
                 );
             }
-            while standby.boot_points().len() >= max {
-                let oldest = standby.boot_points()[0].clone();
-                standby.merge_oldest().map_err(super::image_error)?;
+            // Make room: merge the two oldest into the newer one; with a
+            // limit of one, the only boot point gives way to the new one.
+            while let Some(oldest) = standby
+                .boot_points()
+                .first()
+                .filter(|_| standby.boot_points().len() >= max)
+                .cloned()
+            {
+                if standby.boot_points().len() >= 2 {
+                    standby.merge_oldest().map_err(super::image_error)?;
+                } else {
+                    standby
+                        .delete_boot_point(&oldest)
+                        .map_err(super::image_error)?;
+                }
                 merged = Some(oldest);
             }
             standby

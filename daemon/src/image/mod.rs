@@ -272,13 +272,9 @@ pub fn create(format: Format, dir: &Dir, name: &str, size: u64) -> Result<(), Im
             f.set_len(size)
                 .map_err(ImageError::io(name, format!("extend to {size} bytes")))
         }
+        Format::Qcow2 => qcow2::Qcow2::create(dir, name, size).map(drop),
         Format::Vmdk => vmdk::Vmdk::create(dir, name, size).map(drop),
         Format::Vhdx => vhdx::Vhdx::create(dir, name, size).map(drop),
-        other => Err(ImageError::Unsupported {
-            file: name.to_owned(),
-            format: other.name(),
-            what: "this build cannot write this format yet".to_owned(),
-        }),
     }
 }
 
@@ -286,13 +282,9 @@ pub fn create(format: Format, dir: &Dir, name: &str, size: u64) -> Result<(), Im
 pub fn open(format: Format, dir: Dir, name: &str) -> Result<Box<dyn Standby>, ImageError> {
     match format {
         Format::Raw => Ok(Box::new(raw::Raw::open(dir, name)?)),
+        Format::Qcow2 => Ok(Box::new(qcow2::Qcow2::open(&dir, name)?)),
         Format::Vmdk => Ok(Box::new(vmdk::Vmdk::open(&dir, name)?)),
         Format::Vhdx => Ok(Box::new(vhdx::Vhdx::open(&dir, name)?)),
-        other => Err(ImageError::Unsupported {
-            file: name.to_owned(),
-            format: other.name(),
-            what: "this build cannot write this format yet".to_owned(),
-        }),
     }
 }
 
