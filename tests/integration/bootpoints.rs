@@ -228,6 +228,17 @@ fn bad_boot_point_input_is_refused() {
             vec!["sync", dev.arg(), &url, "--max-freeze", "soon"],
             "duration",
         ),
+        (
+            vec![
+                "sync",
+                dev.arg(),
+                &qcow2,
+                "--boot-point",
+                "--max-boot-points",
+                "23",
+            ],
+            "at most 22",
+        ),
     ] {
         let err = f.fails(&args);
         assert!(err.contains(needle), "{args:?}: {err}");
