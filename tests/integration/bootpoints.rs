@@ -430,3 +430,54 @@ fn qcow2_vmdk_and_vhdx_standbys_with_boot_points() {
         }
     }
 }
+
+#[test]
+fn corrupt_images_and_busy_images_are_refused() {
+    if !privileged("corrupt_images_and_busy_images_are_refused") {
+        return;
+    }
+    let dev = LoopDev::new(64 * MIB);
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    // A qcow2 header that is not one: refused, never "repaired".
+    let bad = dir.join("bad.qcow2");
+    let mut junk = b"QFI\xfb\0\0\0\x03".to_vec();
+    junk.resize(1 << 20, 0x5a);
+    std::fs::write(&bad, &junk).unwrap();
+    let err = f.fails(&["sync", dev.arg(), &format!("file://{}", bad.display())]);
+    assert!(
+        err.contains("corrupt") || err.contains("not supported"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&bad).unwrap(),
+        junk,
+        "a corrupt image was changed"
+    );
+
+    // Revert while a sync holds the image: refused, the sync goes on.
+    let url = format!("file://{}", dir.join("web.img").display());
+    write_random(&dev.path, 0, MIB as usize, 1);
+    let first = f.json(&["sync", dev.arg(), &url, "--boot-point"]);
+    let name = first["boot_point"]["name"].as_str().unwrap().to_owned();
+    write_random(&dev.path, 8 * MIB, 32 * MIB as usize, 2);
+    let mut syncing = f
+        .command(&[
+            "sync",
+            dev.arg(),
+            &url,
+            "--bwlimit",
+            "8M",
+            "--zstd-level",
+            "0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let err = f.fails(&["boot-points", "revert", &url, &name]);
+    assert!(err.contains("in use"), "{err}");
+    assert!(syncing.wait().unwrap().success(), "the sync was disturbed");
+    assert!(same_content(&dev.backing, &dir.join("web.img")));
+}
