@@ -7,8 +7,8 @@
 
 use anyhow::{Context, Result};
 
-use crate::{boot_assets, setup};
 use crate::util::{self, say, Cmd};
+use crate::{boot_assets, setup};
 
 pub fn run(cargo_test_args: &[String]) -> Result<()> {
     setup::require_root("xtask test")?;
