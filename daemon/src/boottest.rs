@@ -216,9 +216,20 @@ pub fn boot_test(
     })
 }
 
+/// `IMAGE.ferry.lock`, held; released on drop.
+struct SessionLock(File);
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        // Explicitly, as the agent does: a copy of the fd in a child on its
+        // way to exec would otherwise keep the lock a moment longer.
+        let _ = sysfs::unlock(&self.0);
+    }
+}
+
 /// Takes `IMAGE.ferry.lock`, the lock every session that changes the image
-/// holds; released when the file is dropped.
-fn lock_session(dir: &Dir, image: &str) -> Result<File, BootTestError> {
+/// holds.
+fn lock_session(dir: &Dir, image: &str) -> Result<SessionLock, BootTestError> {
     let name = format!("{image}.ferry.lock");
     let file = match dir.open_rw(&name) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => match dir.create(&name) {
@@ -233,7 +244,7 @@ fn lock_session(dir: &Dir, image: &str) -> Result<File, BootTestError> {
             image: image.to_owned(),
         });
     }
-    Ok(file)
+    Ok(SessionLock(file))
 }
 
 /// A private temporary directory, removed on drop.

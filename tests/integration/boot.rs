@@ -26,7 +26,7 @@ fn ready(test: &str) -> Option<Assets> {
 /// A source disk, a target directory and a private ferry.
 struct Rig {
     disk: BootDisk,
-    _dir: TempDir,
+    dir: TempDir,
     f: Ferry,
     url: String,
 }
@@ -38,7 +38,7 @@ impl Rig {
         let url = format!("file://{}", dir.join(image).display());
         Self {
             disk,
-            _dir: dir,
+            dir,
             f: Ferry::new(),
             url,
         }
@@ -108,6 +108,23 @@ fn boot_test_raw_working_image_and_boot_point() {
     );
     // It booted and showed the marker it has: the failure is the text's.
     assert!(stdout.contains("\nFERRY-MARKER:new\n"), "{stdout}");
+
+    // Errors exit 2 with one line: a boot point that does not exist, and
+    // an image a sync holds (its lock taken here).
+    let out = rig.boot_test(Some("V19990101_000000"), "FERRY-MARKER:old");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no boot point named"), "{stderr}");
+    let lock = std::fs::File::open(rig.dir.join("web.img.ferry.lock")).unwrap();
+    assert!(ferry::sys::flock_try_exclusive(&lock).unwrap());
+    let out = rig.boot_test(None, "FERRY-MARKER:new");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("in use by another ferry session"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
 /// VMDK: qemu follows the delta chain from `web.vmdk`, and from a boot
