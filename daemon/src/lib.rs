@@ -11,12 +11,14 @@
 //! - [`hash`]: block hashes for checksum resync and frame content;
 //! - [`image`]: standby images in raw, qcow2, VMDK and VHDX, with boot points;
 //! - [`sync`]: one job that brings a target image up to date, and `verify`;
+//! - [`boottest`]: boots a standby or a boot point under qemu to prove it boots;
 //! - [`pipeline`]: io_uring reads, zero detection and the zstd pool;
 //! - [`throttle`]: rate limits and I/O priority;
 //! - [`transport`]: reaching the agent, locally or over SSH;
 //! - [`sys`]: the only code that calls libc.
 
 pub mod agent;
+pub mod boottest;
 pub mod device;
 pub mod dirty;
 pub mod hash;

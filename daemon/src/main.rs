@@ -82,6 +82,20 @@ enum Command {
     /// List, revert to, or delete the boot points of a standby image.
     #[command(subcommand)]
     BootPoints(BootPointsCommand),
+    /// Boot the standby image, or its boot point NAME, under qemu and watch
+    /// the serial console for a text the guest prints once it is up.
+    ///
+    /// qemu runs with TCG (no KVM needed) and -snapshot, so nothing is
+    /// written; the image's lock is held meanwhile, so a sync waits its
+    /// turn. Prints pass or fail and the console's last lines. Exit status
+    /// 0 pass, 1 fail, 2 error. The guest must print to the first serial
+    /// port (console=ttyS0 on Linux).
+    ///
+    /// Examples:
+    ///   ferry boot-test file:///var/lib/standby/web.img
+    ///   ferry boot-test file:///var/lib/standby/web.vmdk V20261121_215422 --expect 'web login:'
+    #[command(verbatim_doc_comment)]
+    BootTest(BootTestArgs),
     /// Serve one sync session on stdin/stdout (ferry runs this on the target
     /// over SSH; there is no need to run it by hand).
     Agent {
@@ -221,6 +235,34 @@ struct VerifyArgs {
     #[command(flatten)]
     ssh: SshArgs,
     /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BootTestArgs {
+    /// The standby image, as a file:// target on this host.
+    target: TargetUrl,
+    /// The boot point to boot (default: the working image).
+    name: Option<String>,
+    /// The console text that means the guest is up.
+    #[arg(long, value_name = "TEXT", default_value = ferry::boottest::DEFAULT_EXPECT)]
+    expect: String,
+    /// Seconds the guest gets to show it (TCG is slow: a full OS may need
+    /// minutes).
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    timeout: u64,
+    /// The qemu binary.
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// How the disk is attached: virtio, sata or ide (a guest without virtio
+    /// drivers, e.g. one from ESXi or Hyper-V, needs sata or ide).
+    #[arg(long, value_name = "BUS", default_value = "virtio")]
+    bus: ferry::boottest::Bus,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    memory: u32,
+    /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -376,9 +418,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .event_format(Plain)
         .init();
-    // `verify` says "different" with 1, so its errors exit 2, as cmp's do.
+    // `verify` and `boot-test` say "different" or "did not boot" with 1, so
+    // their errors exit 2, as cmp's do.
     let trouble = match cli.command {
-        Command::Verify(_) => ExitCode::from(2),
+        Command::Verify(_) | Command::BootTest(_) => ExitCode::from(2),
         _ => ExitCode::FAILURE,
     };
     match run(cli) {
@@ -452,6 +495,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sync(args) => return sync_command(&cli.state_dir, &cli.bpf_dir, &args),
         Command::Verify(args) => return verify_command(&args),
         Command::BootPoints(cmd) => return boot_points_command(&cmd),
+        Command::BootTest(args) => return boot_test_command(&args),
     };
     let tracker = LinuxTracker::new(&cli.bpf_dir)?;
     let open_store = |path: &Path| {
@@ -740,6 +784,60 @@ fn verify_command(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if r.identical {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn boot_test_command(args: &BootTestArgs) -> anyhow::Result<ExitCode> {
+    use ferry::boottest::{self, BootTestOptions, Outcome};
+    if args.expect.is_empty() {
+        anyhow::bail!("--expect needs a text to watch for");
+    }
+    if args.timeout == 0 {
+        anyhow::bail!("--timeout must be at least 1 second");
+    }
+    let opts = BootTestOptions {
+        expect: args.expect.clone(),
+        timeout: std::time::Duration::from_secs(args.timeout),
+        qemu: args.qemu.clone(),
+        bus: args.bus,
+        memory_mib: args.memory,
+        ..BootTestOptions::new(args.name.clone())
+    };
+    let what = match &args.name {
+        Some(name) => format!("boot point {name} of {}", args.target),
+        None => args.target.to_string(),
+    };
+    let r =
+        boottest::boot_test(&args.target, &opts).with_context(|| format!("boot-test of {what}"))?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer(&mut out, &r)?;
+        writeln!(out)?;
+    } else {
+        let booted = match &r.snapshot {
+            Some(s) => format!("{} ({}, snapshot {s})", r.file, r.format),
+            None => format!("{} ({})", r.file, r.format),
+        };
+        let why = match r.outcome {
+            Outcome::Seen => format!("the console showed {:?}", r.expect),
+            Outcome::GuestStopped => format!("the guest stopped without showing {:?}", r.expect),
+            Outcome::TimedOut => format!("no {:?} within {} s", r.expect, args.timeout),
+        };
+        writeln!(
+            out,
+            "{}: {what}, booted {booted}: {why} ({:.1} s)",
+            if r.passed { "pass" } else { "fail" },
+            r.seconds
+        )?;
+        writeln!(out, "--- console, last {} lines ---", r.console_tail.len())?;
+        for line in &r.console_tail {
+            writeln!(out, "{line}")?;
+        }
+    }
+    Ok(if r.passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -3,6 +3,8 @@
 //! reason only when the capability is truly missing; under CI they run.
 
 mod bad_input;
+mod boot;
+mod bootdisk;
 mod bootpoints;
 mod sshd;
 mod sync;

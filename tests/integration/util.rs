@@ -72,8 +72,14 @@ impl LoopDev {
 
     /// With one partition starting at 1 MiB and spanning half the disk.
     pub fn partitioned(size: u64) -> Self {
-        let dev = Self::create(size, true);
         let table = format!("label: dos\nstart=2048, size={}, type=83\n", size / 512 / 2);
+        Self::with_table(size, &table)
+    }
+
+    /// Partitioned by `table` (an sfdisk script) with one partition or
+    /// more; waits for `p1` to appear.
+    pub fn with_table(size: u64, table: &str) -> Self {
+        let dev = Self::create(size, true);
         let mut child = Command::new("sfdisk")
             .args(["--quiet", "--no-reread", dev.path.to_str().unwrap()])
             .stdin(std::process::Stdio::piped())

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_sync;
+mod boot_assets;
 mod demo;
 mod mount;
 mod rig;
@@ -34,8 +35,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what a fresh Debian 12 machine lacks (apt packages, rust-src,
-    /// bpf-linker for LLVM 22, bpffs); skips what is already there
+    /// Install what a fresh Debian 12 machine lacks (apt packages, qemu from
+    /// backports and a cloud kernel for the boot test, rust-src, bpf-linker
+    /// for LLVM 22, bpffs); skips what is already there
     Setup,
     /// Run setup, then cargo fmt --check, clippy and all tests (as CI does)
     Test {

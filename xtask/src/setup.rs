@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::sys;
 use crate::util::{self, say, Cmd};
+use crate::{boot_assets, sys};
 
 /// Debian packages the build, tests, benches and demo use. `libllvm22` is
 /// what bpf-linker links against; it comes from bookworm-security.
 /// `libssl-dev` and `pkg-config` build libssh2; `openssh-server` is the
 /// real sshd the transport tests talk to; `rsync` is a bench baseline.
+/// The boot test's packages are in [`boot_assets::PACKAGES`].
 const APT_PACKAGES: &[&str] = &[
     "fio",
     "openssh-server",
@@ -42,6 +43,7 @@ const APT_LOCK_TIMEOUT: &str = "DPkg::Lock::Timeout=600";
 pub fn run() -> Result<()> {
     require_root("xtask setup")?;
     apt_packages().context("installing apt packages failed")?;
+    boot_assets::run(apt_get, apt_installed)?;
     rust_src().context("adding the rust-src component failed")?;
     bpf_linker().context("installing bpf-linker failed")?;
     bpffs().context("mounting bpffs failed")?;
@@ -88,7 +90,7 @@ fn cargo_home() -> Option<PathBuf> {
 fn apt_packages() -> Result<()> {
     let mut missing = Vec::new();
     let mut present = Vec::new();
-    for &package in APT_PACKAGES {
+    for &package in APT_PACKAGES.iter().chain(boot_assets::PACKAGES) {
         if apt_installed(package)? {
             present.push(package);
         } else {

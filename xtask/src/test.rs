@@ -7,8 +7,8 @@
 
 use anyhow::{Context, Result};
 
-use crate::setup;
 use crate::util::{self, say, Cmd};
+use crate::{boot_assets, setup};
 
 pub fn run(cargo_test_args: &[String]) -> Result<()> {
     setup::require_root("xtask test")?;
@@ -31,6 +31,7 @@ pub fn run(cargo_test_args: &[String]) -> Result<()> {
         (
             "tests",
             util::cargo()
+                .env("FERRY_BOOT_ASSETS", boot_assets::assets_dir())
                 .args(["test", "--workspace", "--exclude", "tracker-ebpf"])
                 .args(cargo_test_args),
         ),

@@ -154,6 +154,34 @@ pub trait Standby: Send {
     /// Merges the two oldest boot points into one with the newer one's name
     /// and content; the other boot points and the working image keep theirs.
     fn merge_oldest(&mut self) -> Result<(), ImageError>;
+    /// The file qemu opens to boot the working image (`None`) or boot point
+    /// `point`. `NoSuchBootPoint` if there is none by that name;
+    /// `Unsupported` where qemu cannot read what the hypervisor would open
+    /// (a VHDX differencing disk).
+    fn boot_file(&self, point: Option<&str>) -> Result<BootFile, ImageError>;
+}
+
+/// What a hypervisor opens to boot a standby image or one of its boot points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootFile {
+    /// The file, relative to the image's directory. A VMDK delta names its
+    /// parents itself.
+    pub path: String,
+    /// qemu's name for the file's format (`-drive format=`).
+    pub format: &'static str,
+    /// The internal snapshot of `path` that holds the boot point (qcow2);
+    /// `None` when the file's current content is what boots.
+    pub snapshot: Option<String>,
+}
+
+impl BootFile {
+    pub fn new(path: impl Into<String>, format: &'static str) -> Self {
+        Self {
+            path: path.into(),
+            format,
+            snapshot: None,
+        }
+    }
 }
 
 /// The directory an image and its companion files live in. Every name is

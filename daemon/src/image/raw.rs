@@ -5,7 +5,7 @@
 
 use std::{fs::File, os::unix::fs::FileExt};
 
-use super::{is_boot_point_name, Dir, ImageError, Standby};
+use super::{is_boot_point_name, BootFile, Dir, ImageError, Standby};
 use crate::sys::fs as sysfs;
 
 pub struct Raw {
@@ -179,6 +179,18 @@ impl Standby for Raw {
         }
         self.delete_boot_point(&points[0])
     }
+
+    /// The image itself, or the boot point's whole copy beside it.
+    fn boot_file(&self, point: Option<&str>) -> Result<BootFile, ImageError> {
+        let path = match point {
+            None => self.name.clone(),
+            Some(p) => {
+                self.require(p)?;
+                self.point_file(p)
+            }
+        };
+        Ok(BootFile::new(path, "raw"))
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +234,19 @@ mod tests {
         assert_eq!(read("web.img.V20260101_000000")[4096], 1);
         assert_eq!(read("web.img.V20260102_000000")[4096], 2);
         assert_eq!(read("web.img.V20260102_000000")[8192], 0);
+        // What qemu boots: the image, or a boot point's copy.
+        assert_eq!(
+            raw.boot_file(None).unwrap(),
+            BootFile::new("web.img", "raw")
+        );
+        assert_eq!(
+            raw.boot_file(Some("V20260101_000000")).unwrap(),
+            BootFile::new("web.img.V20260101_000000", "raw")
+        );
+        assert!(matches!(
+            raw.boot_file(Some("V20990101_000000")),
+            Err(ImageError::NoSuchBootPoint { .. })
+        ));
         // Retention: the newer keeps its content.
         raw.merge_oldest().unwrap();
         assert_eq!(raw.boot_points(), ["V20260102_000000"]);

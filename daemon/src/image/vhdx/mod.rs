@@ -95,7 +95,7 @@ use self::{
     format::{Guid, ParentLocator, MIB},
     image::{corrupt, unsupported, Extent, Image, NewImage},
 };
-use super::{Dir, Format, ImageError, Standby};
+use super::{BootFile, Dir, Format, ImageError, Standby};
 
 /// Payload block size of the files this module creates.
 pub const BLOCK_SIZE: u64 = 2 * MIB;
@@ -618,6 +618,25 @@ impl Standby for Vhdx {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The top, or the boot point's frozen file, when that is the base:
+    /// qemu reads a lone dynamic VHDX but not a differencing one.
+    fn boot_file(&self, point: Option<&str>) -> Result<BootFile, ImageError> {
+        let file = match point {
+            None => self.top_file(),
+            Some(name) => self
+                .boot_point_file(name)
+                .ok_or_else(|| ImageError::NoSuchBootPoint { name: name.into() })?,
+        };
+        if file != self.name {
+            return Err(unsupported(
+                file,
+                "qemu cannot read AVHDX differencing disks; boot it on Hyper-V \
+                 (qemu boots the base alone, and a boot point the base holds)",
+            ));
+        }
+        Ok(BootFile::new(file, "vhdx"))
     }
 }
 

@@ -239,6 +239,8 @@ fn boot_points_keep_their_content_through_the_chain() {
     for _ in 0..40 {
         random_write(&mut rng, &mut v, &mut model, 200_000);
     }
+    // A lone base is what qemu can boot.
+    assert_eq!(v.boot_file(None).unwrap().path, "web.vhdx");
     v.create_boot_point("V20260101_000000").unwrap();
     let m1 = model.clone();
     assert_eq!(v.top_file(), "web-000001.avhdx");
@@ -269,6 +271,22 @@ fn boot_points_keep_their_content_through_the_chain() {
     assert!(matches!(
         v.create_boot_point("V20260101_000000"),
         Err(ImageError::BootPointExists { .. })
+    ));
+    // The first boot point froze the base, which qemu boots; the others
+    // and the top are differencing disks, which it cannot read.
+    let b = v.boot_file(Some("V20260101_000000")).unwrap();
+    assert_eq!((b.path.as_str(), b.format), ("web.vhdx", "vhdx"));
+    for point in [None, Some("V20260102_000000")] {
+        let e = v.boot_file(point).unwrap_err();
+        assert!(
+            matches!(e, ImageError::Unsupported { .. })
+                && e.to_string().contains("qemu cannot read AVHDX"),
+            "{e}"
+        );
+    }
+    assert!(matches!(
+        v.boot_file(Some("V19990101_000000")),
+        Err(ImageError::NoSuchBootPoint { .. })
     ));
     drop(v);
     // The frozen base is still a plain dynamic VHDX qemu reads.

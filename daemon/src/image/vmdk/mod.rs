@@ -71,7 +71,7 @@ use descriptor::{CreateType, DescError, Descriptor, ExtentLine};
 use serde::{Deserialize, Serialize};
 use sparse::{read_full, Sparse, SECTOR};
 
-use super::{Dir, Format, ImageError, Standby};
+use super::{BootFile, Dir, Format, ImageError, Standby};
 
 const FORMAT: &str = "vmdk";
 /// Longest chain followed before calling it a loop.
@@ -855,6 +855,24 @@ impl Standby for Vmdk {
         }
         let oldest = self.boot_points[0].name.clone();
         self.delete_boot_point(&oldest)
+    }
+
+    /// `web.vmdk` (what the VMX names), or the boot point's frozen layer;
+    /// each names its parent, down to the base.
+    fn boot_file(&self, point: Option<&str>) -> Result<BootFile, ImageError> {
+        let path = match point {
+            None => self.names.image.clone(),
+            Some(name) => self
+                .boot_points
+                .iter()
+                .find(|b| b.name == name)
+                .ok_or_else(|| ImageError::NoSuchBootPoint {
+                    name: name.to_owned(),
+                })?
+                .file
+                .clone(),
+        };
+        Ok(BootFile::new(path, FORMAT))
     }
 }
 

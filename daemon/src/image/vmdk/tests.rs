@@ -297,7 +297,15 @@ fn boot_points_keep_their_content() {
             "{info}"
         );
     }
-    let _ = v2;
+    // What qemu boots: the top the VMX names, and each frozen layer.
+    let file = |p: Option<&str>| v.boot_file(p).map(|b| (b.path, b.format));
+    assert_eq!(file(None).unwrap(), ("web.vmdk".into(), "vmdk"));
+    assert_eq!(file(Some(&v1)).unwrap(), ("web-base.vmdk".into(), "vmdk"));
+    assert_eq!(file(Some(&v2)).unwrap(), ("web-000001.vmdk".into(), "vmdk"));
+    assert!(matches!(
+        file(Some("V19990101_000000")),
+        Err(ImageError::NoSuchBootPoint { .. })
+    ));
 }
 
 #[test]
