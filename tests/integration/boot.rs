@@ -127,6 +127,21 @@ fn boot_test_raw_working_image_and_boot_point() {
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
+/// qcow2: the working image boots as it is; a boot point is an internal
+/// snapshot, copied out by qemu-img and booted.
+#[test]
+fn boot_test_qcow2_working_image_and_boot_point() {
+    let Some(a) = ready("boot_test_qcow2_working_image_and_boot_point") else {
+        return;
+    };
+    let rig = Rig::new(&a, "web.qcow2");
+    let first = rig.sync_boot_point();
+    rig.disk.set_marker("new");
+    rig.sync_boot_point();
+    rig.boots(None, "FERRY-MARKER:new");
+    rig.boots(Some(&first), "FERRY-MARKER:old");
+}
+
 /// VMDK: qemu follows the delta chain from `web.vmdk`, and from a boot
 /// point's frozen layer (here the base).
 #[test]

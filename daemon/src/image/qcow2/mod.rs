@@ -652,6 +652,16 @@ impl Standby for Qcow2 {
         self.snapshot_goto(i)
     }
 
+    /// The image itself; a boot point is one of its internal snapshots.
+    fn boot_file(&self, point: Option<&str>) -> Result<super::BootFile, ImageError> {
+        let mut file = super::BootFile::new(self.name.clone(), "qcow2");
+        if let Some(p) = point {
+            self.find(p)?;
+            file.snapshot = Some(p.to_owned());
+        }
+        Ok(file)
+    }
+
     fn delete_boot_point(&mut self, name: &str) -> Result<(), ImageError> {
         let i = self.find(name)?;
         self.snapshot_delete(i)
