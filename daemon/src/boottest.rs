@@ -217,7 +217,7 @@ pub fn boot_test(
 }
 
 /// `IMAGE.ferry.lock`, held; released on drop.
-struct SessionLock(File);
+pub(crate) struct SessionLock(File);
 
 impl Drop for SessionLock {
     fn drop(&mut self) {
@@ -229,7 +229,7 @@ impl Drop for SessionLock {
 
 /// Takes `IMAGE.ferry.lock`, the lock every session that changes the image
 /// holds.
-fn lock_session(dir: &Dir, image: &str) -> Result<SessionLock, BootTestError> {
+pub(crate) fn lock_session(dir: &Dir, image: &str) -> Result<SessionLock, BootTestError> {
     let name = format!("{image}.ferry.lock");
     let file = match dir.open_rw(&name) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => match dir.create(&name) {
@@ -248,10 +248,10 @@ fn lock_session(dir: &Dir, image: &str) -> Result<SessionLock, BootTestError> {
 }
 
 /// A private temporary directory, removed on drop.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub PathBuf);
 
 impl Scratch {
-    fn new() -> Result<Self, BootTestError> {
+    pub(crate) fn new() -> Result<Self, BootTestError> {
         use std::os::unix::fs::DirBuilderExt;
         use std::sync::atomic::{AtomicU32, Ordering};
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -524,7 +524,7 @@ fn strip_controls(text: &str) -> String {
     out
 }
 
-fn first_line(bytes: &[u8]) -> String {
+pub(crate) fn first_line(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     text.lines()
         .map(str::trim)

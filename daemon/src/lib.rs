@@ -21,6 +21,7 @@ pub mod agent;
 pub mod boottest;
 pub mod device;
 pub mod dirty;
+pub mod export;
 pub mod hash;
 pub mod image;
 pub mod pipeline;

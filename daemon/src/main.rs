@@ -126,6 +126,17 @@ enum BootPointsCommand {
         #[command(flatten)]
         ssh: SshArgs,
     },
+    /// Write boot point NAME as a standalone image OUT, whose extension
+    /// picks the format: .raw/.img, .qcow2, .vmdk or .vhdx (needs qemu-img;
+    /// runs beside the image, so TARGET is file://).
+    Export {
+        target: TargetUrl,
+        name: String,
+        out: PathBuf,
+        /// The qemu-img to convert with.
+        #[arg(long, value_name = "PATH", default_value = "qemu-img")]
+        qemu_img: PathBuf,
+    },
     /// Delete boot point NAME; the others keep their content.
     Delete {
         target: TargetUrl,
@@ -697,6 +708,20 @@ fn sync_command(state_dir: &Path, bpf_dir: &Path, args: &SyncArgs) -> anyhow::Re
 fn boot_points_command(cmd: &BootPointsCommand) -> anyhow::Result<ExitCode> {
     use ferry::protocol::ManageOp;
     let (target, ssh, op, name, json) = match cmd {
+        BootPointsCommand::Export {
+            target,
+            name,
+            out,
+            qemu_img,
+        } => {
+            let format = ferry::export::export(target, name, out, qemu_img)?;
+            writeln!(
+                std::io::stdout(),
+                "wrote boot point {name} of {target} to {} ({format})",
+                out.display()
+            )?;
+            return Ok(ExitCode::SUCCESS);
+        }
         BootPointsCommand::List { target, ssh, json } => (target, ssh, ManageOp::List, "", *json),
         BootPointsCommand::Revert { target, name, ssh } => {
             (target, ssh, ManageOp::Revert, name.as_str(), false)

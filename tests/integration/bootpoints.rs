@@ -403,6 +403,23 @@ fn qcow2_vmdk_and_vhdx_standbys_with_boot_points() {
                 );
             }
         }
+        // Export: a standalone image of V1, in another format.
+        for out_fmt in ["qcow2", "raw"] {
+            let out = dir.join(&format!("v1-export.{out_fmt}"));
+            f.ok(&["boot-points", "export", &url, &v1, out.to_str().unwrap()]);
+            assert!(
+                qemu_same(out_fmt, &out, &at_v1),
+                "{format} export to {out_fmt}"
+            );
+        }
+        let err = f.fails(&[
+            "boot-points",
+            "export",
+            &url,
+            &v1,
+            dir.join("v1-export.raw").to_str().unwrap(),
+        ]);
+        assert!(err.contains("never overwrites"), "{err}");
         // Retention at 2: the oldest goes, the newest keeps its content.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let s3 = f.json(&[
