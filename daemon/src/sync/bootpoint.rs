@@ -292,22 +292,7 @@ pub(crate) fn take(
         app_consistent: summary.kind == "app-consistent",
         max_boot_points: bp.max_boot_points,
     }))?;
-    let list: BootPointList = match session.recv()? {
-        Message::Managed { json } => {
-            serde_json::from_str(&json).map_err(|_| SyncError::Unexpected {
-                peer: session.peer.clone(),
-                wanted: "a boot point list",
-                got: "something else",
-            })?
-        }
-        _ => {
-            return Err(SyncError::Unexpected {
-                peer: session.peer.clone(),
-                wanted: "Managed",
-                got: "another reply",
-            })
-        }
-    };
+    let list: BootPointList = session.recv_managed()?;
     summary.merged = list.merged;
     summary.name = Some(name);
     Ok(summary)

@@ -34,22 +34,7 @@ pub fn manage(
         app_consistent: false,
         max_boot_points: 0,
     }))?;
-    let list = match session.recv()? {
-        Message::Managed { json } => {
-            serde_json::from_str(&json).map_err(|_| SyncError::Unexpected {
-                peer: session.peer.clone(),
-                wanted: "a boot point list",
-                got: "something else",
-            })?
-        }
-        _ => {
-            return Err(SyncError::Unexpected {
-                peer: session.peer.clone(),
-                wanted: "Managed",
-                got: "another reply",
-            })
-        }
-    };
+    let list = session.recv_managed()?;
     session.close()?;
     Ok(list)
 }

@@ -164,6 +164,20 @@ impl Session {
         }
     }
 
+    /// Waits for the answer to a boot point request.
+    pub fn recv_managed(&mut self) -> Result<crate::agent::BootPointList, SyncError> {
+        match self.recv()? {
+            Message::Managed { json } => {
+                serde_json::from_str(&json).map_err(|_| SyncError::Unexpected {
+                    peer: self.peer.clone(),
+                    wanted: "a boot point list",
+                    got: "something else",
+                })
+            }
+            other => Err(self.unexpected(other, "Managed")),
+        }
+    }
+
     fn unexpected(&self, got: Message, wanted: &'static str) -> SyncError {
         SyncError::Unexpected {
             peer: self.peer.clone(),

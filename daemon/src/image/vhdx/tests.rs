@@ -2,11 +2,7 @@
 //! files (it reads dynamic VHDX), the independent [`reader`] checks every
 //! file of the chain (qemu cannot read differencing VHDX).
 
-use std::{
-    os::unix::fs::FileExt,
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{os::unix::fs::FileExt, path::Path, process::Command};
 
 use proptest::prelude::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -17,49 +13,9 @@ use super::{
     reader::ChainReader,
     Vhdx,
 };
-use crate::image::{Dir, ImageError, Standby};
+use crate::image::{ImageError, Standby};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = PathBuf::from("/var/tmp").join(format!(
-            "ferry-vhdx-{tag}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn dir(&self) -> Dir {
-        Dir::open(&self.0).unwrap()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipping the qemu-img checks: qemu-img is not installed");
-    }
-    ok
-}
+use crate::image::testutil::{have_qemu_img, TempDir};
 
 fn qemu_img(args: &[&str]) -> (bool, String) {
     let out = Command::new("qemu-img").args(args).output().unwrap();
@@ -161,7 +117,7 @@ const SIZE: u64 = 24 * MIB + 7 * 512;
 
 #[test]
 fn base_writes_match_the_model_and_qemu() {
-    let tmp = TempDir::new("base");
+    let tmp = TempDir::new("vhdx-base");
     let mut rng = StdRng::seed_from_u64(1);
     let mut model = vec![0u8; SIZE as usize];
     {
@@ -198,7 +154,7 @@ fn an_image_qemu_created_takes_writes() {
     if !have_qemu_img() {
         return;
     }
-    let tmp = TempDir::new("qemu");
+    let tmp = TempDir::new("vhdx-qemu");
     let path = tmp.path("q.vhdx");
     let (ok, out) = qemu_img(&[
         "create",
@@ -232,7 +188,7 @@ fn an_image_qemu_created_takes_writes() {
 
 #[test]
 fn boot_points_keep_their_content_through_the_chain() {
-    let tmp = TempDir::new("chain");
+    let tmp = TempDir::new("vhdx-chain");
     let mut rng = StdRng::seed_from_u64(3);
     let mut model = vec![0u8; SIZE as usize];
     let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
@@ -301,7 +257,7 @@ fn boot_points_keep_their_content_through_the_chain() {
 
 #[test]
 fn merges_and_deletions_keep_the_rest() {
-    let tmp = TempDir::new("merge");
+    let tmp = TempDir::new("vhdx-merge");
     let mut rng = StdRng::seed_from_u64(4);
     let mut model = vec![0u8; SIZE as usize];
     let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
@@ -358,7 +314,7 @@ fn merges_and_deletions_keep_the_rest() {
 
 #[test]
 fn revert_makes_the_top_a_boot_point_again() {
-    let tmp = TempDir::new("revert");
+    let tmp = TempDir::new("vhdx-revert");
     let mut rng = StdRng::seed_from_u64(5);
     let mut model = vec![0u8; SIZE as usize];
     let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
@@ -407,7 +363,7 @@ fn revert_makes_the_top_a_boot_point_again() {
 
 #[test]
 fn zeroes_in_a_differencing_top_hide_the_parent_and_cost_nothing_elsewhere() {
-    let tmp = TempDir::new("zero");
+    let tmp = TempDir::new("vhdx-zero");
     let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
     v.write_at(0, &vec![0x55; 6 * MIB as usize]).unwrap();
     v.create_boot_point("V1").unwrap();
@@ -435,7 +391,7 @@ fn zeroes_in_a_differencing_top_hide_the_parent_and_cost_nothing_elsewhere() {
 fn bitmaps_past_the_first_chunk_are_found() {
     // 2 MiB blocks of 512-byte sectors: one sector bitmap block per 4 GiB.
     let size: u64 = 9 << 30;
-    let tmp = TempDir::new("chunks");
+    let tmp = TempDir::new("vhdx-chunks");
     let mut v = Vhdx::create(&tmp.dir(), "big.vhdx", size).unwrap();
     let spots: [u64; 5] = [
         0,
@@ -546,7 +502,7 @@ fn copy_of(tmp: &TempDir, from: &str, to: &str) {
 
 #[test]
 fn damaged_files_are_refused() {
-    let tmp = TempDir::new("damage");
+    let tmp = TempDir::new("vhdx-damage");
     {
         let mut v = Vhdx::create(&tmp.dir(), "good.vhdx", SIZE).unwrap();
         v.write_at(3 * MIB, &[1; 4096]).unwrap();
@@ -680,7 +636,7 @@ fn damaged_files_are_refused() {
 
 #[test]
 fn a_parent_that_changed_is_refused() {
-    let tmp = TempDir::new("linkage");
+    let tmp = TempDir::new("vhdx-linkage");
     {
         let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
         v.write_at(0, &[1; 512]).unwrap();
@@ -698,7 +654,7 @@ fn a_parent_that_changed_is_refused() {
 
 #[test]
 fn leftovers_of_a_crash_are_cleaned_up() {
-    let tmp = TempDir::new("leftover");
+    let tmp = TempDir::new("vhdx-leftover");
     let mut model = vec![0u8; SIZE as usize];
     {
         let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
@@ -732,7 +688,7 @@ fn leftovers_of_a_crash_are_cleaned_up() {
 /// identity, nothing else moved) is finished by the next open.
 #[test]
 fn an_interrupted_merge_finishes_on_open() {
-    let tmp = TempDir::new("resume");
+    let tmp = TempDir::new("vhdx-resume");
     let mut rng = StdRng::seed_from_u64(6);
     let mut model = vec![0u8; SIZE as usize];
     let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
@@ -781,7 +737,7 @@ fn an_interrupted_merge_finishes_on_open() {
 
 #[test]
 fn boot_points_are_limited() {
-    let tmp = TempDir::new("limit");
+    let tmp = TempDir::new("vhdx-limit");
     let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", 4 * MIB).unwrap();
     for n in 0..30 {
         v.write_at(n * 4096, &[n as u8; 4096]).unwrap();
@@ -811,7 +767,7 @@ fn boot_points_are_limited() {
 /// the last flush.
 #[test]
 fn a_crash_before_flush_leaves_valid_files() {
-    let tmp = TempDir::new("crash");
+    let tmp = TempDir::new("vhdx-crash");
     let mut model = vec![0u8; SIZE as usize];
     let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
     v.write_at(0, &[1; 8192]).unwrap();
@@ -876,7 +832,7 @@ proptest! {
 
     #[test]
     fn random_operations_match_the_model(ops in prop::collection::vec(op(), 1..40)) {
-        let tmp = TempDir::new("prop");
+        let tmp = TempDir::new("vhdx-prop");
         let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", PROP_SIZE).unwrap();
         let mut model = vec![0u8; PROP_SIZE as usize];
         let mut points: Vec<(String, Vec<u8>)> = Vec::new();

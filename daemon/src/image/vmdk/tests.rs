@@ -13,43 +13,7 @@ use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 use super::*;
 use crate::image::boot_point_name;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path = PathBuf::from("/var/tmp").join(format!(
-            "ferry-vmdk-{tag}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn dir(&self) -> Dir {
-        Dir::open(&self.0).unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipping the qemu-img checks: qemu-img is not installed");
-    }
-    ok
-}
+use crate::image::testutil::{have_qemu_img, TempDir};
 
 fn qemu_img(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("qemu-img")
@@ -216,7 +180,7 @@ const SIZE: u64 = (8 << 20) + 3 * 512;
 
 #[test]
 fn random_writes_match_the_model_and_qemu() {
-    let tmp = TempDir::new("random");
+    let tmp = TempDir::new("vmdk-random");
     let mut v = Vmdk::create(&tmp.dir(), "web.vmdk", SIZE).unwrap();
     let mut m = Model::new(SIZE);
     let mut rng = StdRng::seed_from_u64(1);
@@ -255,7 +219,7 @@ fn random_writes_match_the_model_and_qemu() {
 
 #[test]
 fn boot_points_keep_their_content() {
-    let tmp = TempDir::new("bootpoints");
+    let tmp = TempDir::new("vmdk-bootpoints");
     let mut v = Vmdk::create(&tmp.dir(), "web.vmdk", SIZE).unwrap();
     let mut m = Model::new(SIZE);
     let mut rng = StdRng::seed_from_u64(2);
@@ -310,7 +274,7 @@ fn boot_points_keep_their_content() {
 
 #[test]
 fn merge_and_delete_keep_every_other_content() {
-    let tmp = TempDir::new("merge");
+    let tmp = TempDir::new("vmdk-merge");
     let mut v = Vmdk::create(&tmp.dir(), "web.vmdk", SIZE).unwrap();
     let mut m = Model::new(SIZE);
     let mut rng = StdRng::seed_from_u64(3);
@@ -359,7 +323,7 @@ fn merge_and_delete_keep_every_other_content() {
 
 #[test]
 fn revert_restores_a_boot_point_and_keeps_the_others() {
-    let tmp = TempDir::new("revert");
+    let tmp = TempDir::new("vmdk-revert");
     let mut v = Vmdk::create(&tmp.dir(), "web.vmdk", SIZE).unwrap();
     let mut m = Model::new(SIZE);
     let mut rng = StdRng::seed_from_u64(4);
@@ -404,7 +368,7 @@ fn revert_restores_a_boot_point_and_keeps_the_others() {
 
 #[test]
 fn reopen_after_flush_reads_the_same() {
-    let tmp = TempDir::new("reopen");
+    let tmp = TempDir::new("vmdk-reopen");
     let mut m = Model::new(SIZE);
     let mut rng = StdRng::seed_from_u64(5);
     {
@@ -440,7 +404,7 @@ fn reopen_after_flush_reads_the_same() {
 
 #[test]
 fn a_crash_between_the_boot_point_renames_is_finished_on_open() {
-    let tmp = TempDir::new("crash");
+    let tmp = TempDir::new("vmdk-crash");
     let mut m = Model::new(SIZE);
     let mut rng = StdRng::seed_from_u64(6);
     let mut v = Vmdk::create(&tmp.dir(), "web.vmdk", SIZE).unwrap();
@@ -463,7 +427,7 @@ fn a_crash_between_the_boot_point_renames_is_finished_on_open() {
 
 #[test]
 fn an_anonymous_layer_a_crash_left_is_committed_later() {
-    let tmp = TempDir::new("anon");
+    let tmp = TempDir::new("vmdk-anon");
     let mut m = Model::new(SIZE);
     let mut rng = StdRng::seed_from_u64(9);
     let mut v = Vmdk::create(&tmp.dir(), "web.vmdk", SIZE).unwrap();
@@ -496,7 +460,7 @@ fn an_anonymous_layer_a_crash_left_is_committed_later() {
 
 #[test]
 fn bad_calls_are_refused() {
-    let tmp = TempDir::new("bad");
+    let tmp = TempDir::new("vmdk-bad");
     assert!(matches!(
         Vmdk::create(&tmp.dir(), "web.img", SIZE),
         Err(ImageError::Unsupported { .. })
@@ -536,7 +500,7 @@ fn poke(path: &Path, at: u64, bytes: &[u8]) {
 
 #[test]
 fn damaged_files_are_refused() {
-    let tmp = TempDir::new("corrupt");
+    let tmp = TempDir::new("vmdk-corrupt");
     let mut m = Model::new(SIZE);
     let mut rng = StdRng::seed_from_u64(7);
     let mut v = Vmdk::create(&tmp.dir(), "web.vmdk", SIZE).unwrap();
@@ -591,7 +555,7 @@ fn qemu_img_images_open_and_stream_optimized_is_unsupported() {
     if !have_qemu_img() {
         return;
     }
-    let tmp = TempDir::new("qemu");
+    let tmp = TempDir::new("vmdk-qemu");
     qemu_img(
         &tmp.0,
         &[
@@ -666,7 +630,7 @@ proptest! {
     #[test]
     fn random_operations_match_the_model(ops in prop::collection::vec(op(), 1..40)) {
         const PSIZE: u64 = (1 << 20) + 1536;
-        let tmp = TempDir::new("prop");
+        let tmp = TempDir::new("vmdk-prop");
         let mut v = Vmdk::create(&tmp.dir(), "web.vmdk", PSIZE).unwrap();
         let mut m = Model::new(PSIZE);
         for op in ops {
