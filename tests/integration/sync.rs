@@ -81,7 +81,16 @@ impl Standby {
     /// Starts a sync that takes a few seconds (8 MiB/s on the wire), lets it
     /// get going, then calls `interrupt`; the sync must still be running.
     fn interrupted_sync(&self, interrupt: impl FnOnce(&mut std::process::Child)) {
-        let args = self.args("sync", &["--bwlimit", "8M", "--zstd-level", "0"]);
+        self.interrupted_sync_with(&[], interrupt)
+    }
+
+    fn interrupted_sync_with(
+        &self,
+        more: &[&str],
+        interrupt: impl FnOnce(&mut std::process::Child),
+    ) {
+        let mut args = self.args("sync", &["--bwlimit", "8M", "--zstd-level", "0"]);
+        args.extend_from_slice(more);
         let mut child = self
             .f
             .command(&args)
@@ -604,4 +613,36 @@ fn verify_reads_replies_that_arrive_early() {
     assert_eq!(v["identical"], true, "{v}");
     let r = s.f.json(&s.args("sync", &["--resync"]));
     assert_eq!(r["differing_bytes"], 0, "{r}");
+}
+
+/// Regression: a resync asked for with --resync and killed while shipping
+/// forgot what it had found different, and the next (incremental) run
+/// left the image wrong.
+#[test]
+fn killed_resync_is_completed_by_the_next_sync() {
+    if !privileged("killed_resync_is_completed_by_the_next_sync") {
+        return;
+    }
+    let s = Standby::file(64 * MIB);
+    write_random(&s.dev.path, 16 * MIB, 32 * MIB as usize, 50);
+    s.sync();
+    // Damage 32 MiB of the image behind ferry's back: only a checksum
+    // resync can see it.
+    {
+        use std::os::unix::fs::FileExt;
+        let img = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&s.image)
+            .unwrap();
+        img.write_all_at(&vec![0xa5; 32 * MIB as usize], 16 * MIB)
+            .unwrap();
+    }
+    s.interrupted_sync_with(&["--resync"], |child| child.kill().unwrap());
+    assert!(
+        !s.identical(),
+        "nothing left to do: the test proves nothing"
+    );
+    let next = s.sync();
+    assert_eq!(next["mode"], "incremental", "{next}");
+    assert!(s.identical(), "the resync's findings were lost: {next}");
 }

@@ -346,6 +346,13 @@ pub fn run<T: Tracker>(
             })?;
             differing_bytes = Some(total_bytes(&extents(&differ, chunk, size, u64::MAX)));
             ship |= differ;
+            // What differs is owed to the target from now on: a job cut
+            // short after this point must not forget it, even when the
+            // next job is an incremental (a resync asked for with --resync).
+            let store = Store::open(&opts.state_dir)?;
+            let mut inflight = store.target_set(&id, Set::Inflight)?;
+            inflight |= &ship;
+            store.save_target_set(&id, Set::Inflight, &inflight)?;
         }
     }
     let plan = extents(&ship, chunk, size, u64::from(opts.pipeline.max_io));
