@@ -178,7 +178,11 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.dir).status();
+        // A test may have unmounted it already.
+        let _ = Command::new("umount")
+            .arg(&self.dir)
+            .stderr(std::process::Stdio::null())
+            .status();
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
