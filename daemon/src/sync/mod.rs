@@ -84,7 +84,7 @@ pub enum SyncError {
     Unexpected {
         peer: String,
         wanted: &'static str,
-        got: &'static str,
+        got: String,
     },
     #[error("reading the source failed")]
     Pipeline(#[from] PipelineError),
@@ -279,17 +279,12 @@ pub fn run<T: Tracker>(
         };
         tracking.store().save_target(&id, &t)?;
     }
-    tracking.drain_to_targets(&opts.device)?;
+    let (_, frozen) = freeze_pending(&mut tracking, &opts.device, &id)?;
     let mut target = tracking
         .store()
         .target(&id)?
         .or(target.take())
         .expect("the target record was just saved");
-    let store = tracking.store();
-    let mut frozen = store.target_set(&id, Set::Inflight)?;
-    frozen |= store.target_set(&id, Set::Pending)?;
-    store.save_target_set(&id, Set::Inflight, &frozen)?;
-    store.save_target_set(&id, Set::Pending, &RoaringBitmap::new())?;
     drop(tracking);
 
     let ours = Some(parse_uuid(&source_id));
@@ -406,7 +401,8 @@ pub fn run<T: Tracker>(
                     "Ack of another generation"
                 } else {
                     "another reply"
-                },
+                }
+                .into(),
             })
         }
     }
@@ -554,7 +550,17 @@ fn take_more<T: Tracker>(
     device: &std::path::Path,
     id: &str,
 ) -> Result<RoaringBitmap, SyncError> {
-    let mut tracking = open()?;
+    freeze_pending(&mut open()?, device, id).map(|(more, _)| more)
+}
+
+/// Drains the kernel's bits into every target's pending set, then moves
+/// target `id`'s pending set into its inflight set (the successor becomes
+/// part of the frozen set). Returns what was moved and the whole inflight set.
+fn freeze_pending<T: Tracker>(
+    tracking: &mut Tracking<T>,
+    device: &std::path::Path,
+    id: &str,
+) -> Result<(RoaringBitmap, RoaringBitmap), SyncError> {
     tracking.drain_to_targets(device)?;
     let store = tracking.store();
     let more = store.target_set(id, Set::Pending)?;
@@ -562,7 +568,7 @@ fn take_more<T: Tracker>(
     inflight |= &more;
     store.save_target_set(id, Set::Inflight, &inflight)?;
     store.save_target_set(id, Set::Pending, &RoaringBitmap::new())?;
-    Ok(more)
+    Ok((more, inflight))
 }
 
 /// [`Hello::format`] for a target: its `?format=`, or 0 to let the agent
