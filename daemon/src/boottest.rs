@@ -230,21 +230,14 @@ impl Drop for SessionLock {
 /// Takes `IMAGE.ferry.lock`, the lock every session that changes the image
 /// holds.
 pub(crate) fn lock_session(dir: &Dir, image: &str) -> Result<SessionLock, BootTestError> {
-    let name = format!("{image}.ferry.lock");
-    let file = match dir.open_rw(&name) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => match dir.create(&name) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => dir.open_rw(&name),
-            other => other,
-        },
-        other => other,
-    }
-    .map_err(io_err(format!("{name}: open")))?;
-    if !sysfs::try_lock_exclusive(&file).map_err(io_err(format!("{name}: lock")))? {
-        return Err(BootTestError::Busy {
+    match image::try_lock_session(dir, image)
+        .map_err(io_err(format!("{image}.ferry.lock: lock")))?
+    {
+        Some(file) => Ok(SessionLock(file)),
+        None => Err(BootTestError::Busy {
             image: image.to_owned(),
-        });
+        }),
     }
-    Ok(SessionLock(file))
 }
 
 /// A private temporary directory, removed on drop.

@@ -178,25 +178,15 @@ impl Image {
         if self.lock.is_some() {
             return Ok(());
         }
-        let name = format!("{}.ferry.lock", self.file_name);
-        let path = Path::new(&name);
-        let open = || sysfs::open_beneath(self.dir.as_fd(), path, Open::ReadWrite);
-        let file = match open() {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                match sysfs::open_beneath(self.dir.as_fd(), path, Open::CreateNew { mode: 0o600 }) {
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open(),
-                    other => other,
-                }
-            }
-            other => other,
-        }
-        .map_err(|e| self.io_err("open the session lock", e))?;
-        if !sysfs::try_lock_exclusive(&file).map_err(|e| self.io_err("lock", e))? {
-            return Err(AgentError::refused(
-                ErrorCode::Busy,
-                format!("{} is in use by another ferry session", self.name),
-            ));
-        }
+        let dir = self.dir_handle()?;
+        let file = crate::image::try_lock_session(&dir, &self.file_name)
+            .map_err(|e| self.io_err("lock the session", e))?
+            .ok_or_else(|| {
+                AgentError::refused(
+                    ErrorCode::Busy,
+                    format!("{} is in use by another ferry session", self.name),
+                )
+            })?;
         self.lock = Some(file);
         Ok(())
     }

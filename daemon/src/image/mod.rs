@@ -318,6 +318,23 @@ pub fn open(format: Format, dir: Dir, name: &str) -> Result<Box<dyn Standby>, Im
     }
 }
 
+/// Opens (making it if needed) `IMAGE.ferry.lock` beside `image` and tries
+/// to lock it: the lock every session that changes or reads the image's
+/// files as a whole holds. `None` when another session holds it. The lock
+/// has its own file because formats replace the image file itself (a
+/// revert, a new delta on top), which would drop a lock held on it.
+pub fn try_lock_session(dir: &Dir, image: &str) -> io::Result<Option<File>> {
+    let name = format!("{image}.ferry.lock");
+    let file = match dir.open_rw(&name) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match dir.create(&name) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => dir.open_rw(&name),
+            other => other,
+        },
+        other => other,
+    }?;
+    Ok(sysfs::try_lock_exclusive(&file)?.then_some(file))
+}
+
 /// Whether `name` is a boot point name (`VYYYYMMDD_hhmmss`).
 pub fn is_boot_point_name(name: &str) -> bool {
     let b = name.as_bytes();
