@@ -362,12 +362,12 @@ impl<T: Tracker> Tracking<T> {
         }
         // Each target resyncs on its own: hand the reason to every target,
         // and keep it on the device only while there is none.
-        let targets = self.store.targets_of(dev)?;
+        let mut targets = self.store.targets_of(dev)?;
         if let Some(r) = &reason {
-            for (id, mut t) in targets.clone() {
+            for (id, t) in &mut targets {
                 if t.needs_resync.is_none() {
                     t.needs_resync = Some(r.clone());
-                    self.store.save_target(&id, &t)?;
+                    self.store.save_target(id, t)?;
                 }
             }
             if !targets.is_empty() {
@@ -381,7 +381,7 @@ impl<T: Tracker> Tracking<T> {
         if let Some(r) = &rec.needs_resync {
             return Ok(State::NeedsResync(r.clone()));
         }
-        for (_, t) in self.store.targets_of(dev)? {
+        for (_, t) in targets {
             if let Some(r) = t.needs_resync {
                 return Ok(State::NeedsResync(format!("{r} (target {})", t.url)));
             }

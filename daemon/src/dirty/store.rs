@@ -45,7 +45,7 @@ pub enum StoreError {
     Busy { path: PathBuf },
 }
 
-fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+pub(super) fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
     let path = path.to_owned();
     move |source| StoreError::Io { path, op, source }
 }

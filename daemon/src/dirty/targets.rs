@@ -18,13 +18,13 @@
 use std::{
     fs::{self, File, OpenOptions},
     os::unix::fs::OpenOptionsExt,
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 
-use super::store::{read_json, read_set, remove, write_json, write_set, Store, StoreError};
+use super::store::{io_err, read_json, read_set, remove, write_json, write_set, Store, StoreError};
 use crate::device::DevNum;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,11 +61,6 @@ impl Set {
             Set::Inflight => "inflight",
         }
     }
-}
-
-fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
-    let path = path.to_owned();
-    move |source| StoreError::Io { path, op, source }
 }
 
 /// The file stem of a target of `dev`.

@@ -63,7 +63,7 @@ pub fn differing_chunks(
                 return Err(SyncError::Unexpected {
                     peer: session.peer.clone(),
                     wanted: "HashReply for the window asked",
-                    got: "another reply",
+                    got: "another reply".into(),
                 })
             }
         };

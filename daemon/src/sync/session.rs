@@ -171,7 +171,7 @@ impl Session {
                 serde_json::from_str(&json).map_err(|_| SyncError::Unexpected {
                     peer: self.peer.clone(),
                     wanted: "a boot point list",
-                    got: "something else",
+                    got: "something else".into(),
                 })
             }
             other => Err(self.unexpected(other, "Managed")),
@@ -182,7 +182,7 @@ impl Session {
         SyncError::Unexpected {
             peer: self.peer.clone(),
             wanted,
-            got: kind_name(&got),
+            got: format!("{:?}", got.kind()),
         }
     }
 
@@ -221,22 +221,6 @@ impl Session {
             Some(Err(_)) => Err(SyncError::Transport(TransportError::Panicked)),
             _ => Ok(()),
         }
-    }
-}
-
-fn kind_name(msg: &Message) -> &'static str {
-    match msg {
-        Message::Hello(_) => "Hello",
-        Message::Welcome(_) => "Welcome",
-        Message::Data(_) => "Data",
-        Message::Zero { .. } => "Zero",
-        Message::Commit { .. } => "Commit",
-        Message::Ack { .. } => "Ack",
-        Message::HashRequest { .. } => "HashRequest",
-        Message::HashReply { .. } => "HashReply",
-        Message::Error { .. } => "Error",
-        Message::Manage(_) => "Manage",
-        Message::Managed { .. } => "Managed",
     }
 }
 
