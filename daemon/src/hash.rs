@@ -189,35 +189,11 @@ unsafe impl Sync for AlignedBuf {}
 
 #[cfg(test)]
 mod tests {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf};
+    use std::os::unix::fs::OpenOptionsExt;
 
     use super::*;
 
-    struct TempFile(PathBuf);
-
-    impl TempFile {
-        /// A file in /var/tmp (a disk filesystem: tmpfs refuses `O_DIRECT`).
-        fn with(bytes: &[u8]) -> Self {
-            let path = PathBuf::from("/var/tmp").join(format!(
-                "ferry-hash-{}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            ));
-            let mut f = File::create(&path).unwrap();
-            f.write_all(bytes).unwrap();
-            f.sync_all().unwrap();
-            Self(path)
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    use crate::testutil::TempFile;
 
     fn pattern(len: usize) -> Vec<u8> {
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -241,7 +217,7 @@ mod tests {
     #[test]
     fn matches_a_naive_computation_for_any_thread_count() {
         let bytes = pattern(1 << 20);
-        let tmp = TempFile::with(&bytes);
+        let tmp = TempFile::new("hash", &bytes);
         let f = File::open(&tmp.0).unwrap();
         for (offset, len, block) in [
             (0, 1 << 20, 65536),
@@ -265,7 +241,7 @@ mod tests {
     #[test]
     fn works_on_an_o_direct_file() {
         let bytes = pattern(3 << 20);
-        let tmp = TempFile::with(&bytes);
+        let tmp = TempFile::new("hash", &bytes);
         let f = match File::options()
             .read(true)
             .custom_flags(crate::sys::fs::O_DIRECT)
@@ -292,7 +268,7 @@ mod tests {
 
     #[test]
     fn a_short_file_is_an_error_not_zeros() {
-        let tmp = TempFile::with(&pattern(10_000));
+        let tmp = TempFile::new("hash", &pattern(10_000));
         let f = File::open(&tmp.0).unwrap();
         let err = hash_blocks(&f, 0, 16384, 4096, 2).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
@@ -301,7 +277,7 @@ mod tests {
 
     #[test]
     fn misaligned_arguments_are_refused() {
-        let tmp = TempFile::with(&pattern(8192));
+        let tmp = TempFile::new("hash", &pattern(8192));
         let f = File::open(&tmp.0).unwrap();
         for (offset, len, block) in [
             (0, 8192, 0),

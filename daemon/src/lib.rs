@@ -28,6 +28,8 @@ pub mod pipeline;
 pub mod protocol;
 pub mod sync;
 pub mod sys;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod throttle;
 pub mod track;
 pub mod tracker;

@@ -29,8 +29,6 @@ use std::{
 use crate::sys::fs::{self as sysfs, Open};
 
 pub mod raw;
-#[cfg(test)]
-mod testutil;
 pub mod vhdx;
 pub mod vmdk;
 

@@ -197,30 +197,11 @@ impl Standby for Raw {
 mod tests {
     use super::*;
 
-    struct TempDir(std::path::PathBuf);
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tempdir() -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "ferry-raw-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
+    use crate::testutil::TempDir;
 
     #[test]
     fn boot_points_keep_their_content() {
-        let t = tempdir();
+        let t = TempDir::new("raw");
         let file = std::fs::File::create(t.0.join("web.img")).unwrap();
         file.set_len(1 << 20).unwrap();
         let mut raw = Raw::open(Dir::open(&t.0).unwrap(), "web.img").unwrap();

@@ -316,37 +316,15 @@ mod tests {
         io::{Read, Write},
         os::fd::AsFd,
         os::unix::fs::FileExt,
-        path::PathBuf,
     };
 
     use super::*;
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let path = PathBuf::from("/var/tmp").join(format!(
-                "ferry-fs-{tag}-{}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            ));
-            std::fs::create_dir_all(&path).unwrap();
-            Self(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testutil::TempDir;
 
     #[test]
     fn open_beneath_stays_inside() {
-        let tmp = TempDir::new("beneath");
+        let tmp = TempDir::new("fs-beneath");
         let root = tmp.0.join("root");
         std::fs::create_dir(&root).unwrap();
         std::fs::write(tmp.0.join("outside"), b"secret").unwrap();
@@ -382,7 +360,7 @@ mod tests {
 
     #[test]
     fn rename_and_unlink_take_single_names() {
-        let tmp = TempDir::new("rename");
+        let tmp = TempDir::new("fs-rename");
         let dir = open_dir(&tmp.0).unwrap();
         let mut f =
             open_beneath(dir.as_fd(), Path::new("a"), Open::CreateNew { mode: 0o600 }).unwrap();
@@ -397,7 +375,7 @@ mod tests {
 
     #[test]
     fn lock_is_exclusive_between_opens() {
-        let tmp = TempDir::new("lock");
+        let tmp = TempDir::new("fs-lock");
         let path = tmp.0.join("f");
         std::fs::write(&path, b"").unwrap();
         let a = File::open(&path).unwrap();
@@ -410,7 +388,7 @@ mod tests {
 
     #[test]
     fn punched_hole_reads_as_zeros() {
-        let tmp = TempDir::new("punch");
+        let tmp = TempDir::new("fs-punch");
         let path = tmp.0.join("f");
         std::fs::write(&path, vec![0xAB; 64 << 10]).unwrap();
         let f = std::fs::OpenOptions::new()

@@ -509,29 +509,9 @@ impl Drop for ReadRing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::{io::Write, os::unix::fs::FileExt};
+    use std::os::unix::fs::FileExt;
 
-    /// A file under /var/tmp (O_DIRECT-capable), removed on drop.
-    struct TempFile(std::path::PathBuf);
-
-    impl TempFile {
-        fn new(name: &str, data: &[u8]) -> Self {
-            let path = std::path::PathBuf::from(format!(
-                "/var/tmp/ferry-uring-{}-{name}",
-                std::process::id()
-            ));
-            let mut f = File::create(&path).unwrap();
-            f.write_all(data).unwrap();
-            f.sync_all().unwrap();
-            Self(path)
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    use crate::testutil::TempFile;
 
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
@@ -562,7 +542,7 @@ mod tests {
 
     fn check_reads(register: bool) {
         let data = pattern(1 << 20);
-        let tmp = TempFile::new(&format!("reads-{register}"), &data);
+        let tmp = TempFile::new(&format!("uring-reads-{register}"), &data);
         let file = open_direct(&tmp.0).unwrap();
         let mut ring = ReadRing::new(file, 4, 64 << 10, 512, register).unwrap();
         // Root is not bound by RLIMIT_MEMLOCK, so registration must work.
@@ -597,7 +577,7 @@ mod tests {
     #[test]
     fn unaligned_end_of_file_is_read_by_rounding_up() {
         let data = pattern(8192 + 100);
-        let tmp = TempFile::new("tail", &data);
+        let tmp = TempFile::new("uring-tail", &data);
         let mut ring = ReadRing::new(open_direct(&tmp.0).unwrap(), 2, 8192, 512, true).unwrap();
         let reqs = [
             ReadReq {
@@ -624,7 +604,7 @@ mod tests {
     #[test]
     fn drop_with_reads_in_flight_waits_for_them() {
         let data = pattern(1 << 20);
-        let tmp = TempFile::new("drop", &data);
+        let tmp = TempFile::new("uring-drop", &data);
         let mut ring =
             ReadRing::new(open_direct(&tmp.0).unwrap(), 8, 128 << 10, 512, true).unwrap();
         for i in 0..8u64 {
@@ -658,7 +638,7 @@ mod tests {
 
     #[test]
     fn wait_with_nothing_in_flight_returns_at_once() {
-        let tmp = TempFile::new("idle", &pattern(4096));
+        let tmp = TempFile::new("uring-idle", &pattern(4096));
         let mut ring = ReadRing::new(open_direct(&tmp.0).unwrap(), 1, 4096, 512, true).unwrap();
         // Nothing in flight: returns at once.
         ring.wait(Some(Duration::from_secs(10))).unwrap();

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::image::{ImageError, Standby};
 
-use crate::image::testutil::{have_qemu_img, TempDir};
+use crate::testutil::{have_qemu_img, TempDir};
 
 fn qemu_img(args: &[&str]) -> (bool, String) {
     let out = Command::new("qemu-img").args(args).output().unwrap();

@@ -13,7 +13,7 @@ use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 use super::*;
 use crate::image::boot_point_name;
 
-use crate::image::testutil::{have_qemu_img, TempDir};
+use crate::testutil::{have_qemu_img, TempDir};
 
 fn qemu_img(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("qemu-img")
