@@ -90,29 +90,39 @@ impl Session {
 
     /// Sends one message.
     pub fn send(&mut self, msg: &Message) -> Result<(), SyncError> {
-        let mut frame = protocol::encode(msg);
-        if let Message::Data(_) = msg {
+        if let Message::Data(d) = msg {
             self.data_frames += 1;
-            if self.corrupt_frame == Some(self.data_frames) {
-                let last = frame.len() - 1;
-                frame[last] ^= 0x5a;
+            if self.corrupt_frame != Some(self.data_frames) {
+                // The hot path: header and payload go out as they are,
+                // without copying the payload into a frame buffer.
+                let len = protocol::HEADER_LEN + protocol::DATA_PREFIX_LEN + d.payload.len();
+                return self.write(len as u64, |tx| protocol::write_message(tx, msg));
             }
+            let mut frame = protocol::encode(msg);
+            let last = frame.len() - 1;
+            frame[last] ^= 0x5a;
+            return self.write(frame.len() as u64, |tx| tx.write_all(&frame));
         }
-        self.send_frame(&frame)
+        let frame = protocol::encode(msg);
+        self.write(frame.len() as u64, |tx| tx.write_all(&frame))
     }
 
-    /// Sends an already encoded frame.
-    pub fn send_frame(&mut self, frame: &[u8]) -> Result<(), SyncError> {
+    /// Writes `len` bytes to the link through `put`, within the wire limit.
+    fn write(
+        &mut self,
+        len: u64,
+        put: impl FnOnce(&mut io::PipeWriter) -> io::Result<()>,
+    ) -> Result<(), SyncError> {
         // An error the agent already sent explains a failed write better.
         self.check()?;
         if let Some(limit) = &self.wire {
-            limit.acquire(frame.len() as u64);
+            limit.acquire(len);
         }
         let tx = self.tx.as_mut().expect("sending on a closed session");
-        if let Err(e) = tx.write_all(frame) {
+        if let Err(e) = put(tx) {
             return Err(self.lost(e));
         }
-        self.bytes_sent += frame.len() as u64;
+        self.bytes_sent += len;
         Ok(())
     }
 
