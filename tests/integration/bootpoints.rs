@@ -498,3 +498,46 @@ fn corrupt_images_and_busy_images_are_refused() {
     assert!(syncing.wait().unwrap().success(), "the sync was disturbed");
     assert!(same_content(&dev.backing, &dir.join("web.img")));
 }
+
+#[test]
+fn a_freeze_held_too_long_is_thawed_and_no_boot_point_is_taken() {
+    if !privileged("a_freeze_held_too_long_is_thawed_and_no_boot_point_is_taken") {
+        return;
+    }
+    let src = Mounted::new(32 * MIB);
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let image = dir.join("web.img");
+    let url = format!("file://{}", image.display());
+    set_marker(&src, "x");
+    // Nothing can be drained and read within a microsecond: every attempt
+    // overruns, the watchdog thaws, and the job ships without a boot point.
+    let s = f.json(&[
+        "sync",
+        src.dev.arg(),
+        &url,
+        "--boot-point",
+        "--max-freeze",
+        "0.001ms",
+    ]);
+    assert!(s["boot_point"].get("name").is_none(), "{s}");
+    assert!(
+        s["boot_point"]["note"]
+            .as_str()
+            .unwrap()
+            .contains("--max-freeze"),
+        "{s}"
+    );
+    assert!(names(&list(&f, &url)).is_empty());
+    // Thawed: unfreezing a filesystem that is not frozen fails.
+    let unfreeze = Command::new("fsfreeze")
+        .arg("-u")
+        .arg(&src.dir)
+        .output()
+        .unwrap();
+    assert!(!unfreeze.status.success(), "the filesystem was left frozen");
+    // Everything taken was still shipped.
+    run("umount", &[src.dir.to_str().unwrap()]);
+    let next = f.json(&["sync", src.dev.arg(), &url]);
+    assert!(same_content(&src.dev.backing, &image), "{next}");
+}
