@@ -200,7 +200,7 @@ fn verify_host_key(
     })?;
     let fingerprint = session
         .host_key_hash(HashType::Sha256)
-        .map(|h| format!("{} SHA256:{}", key_type_name(key_type), base64(h)))
+        .map(|h| format!("{} SHA256:{}", key_type_name(key_type), base64(h, false)))
         .unwrap_or_default();
     let mut known = session
         .known_hosts()
@@ -225,7 +225,11 @@ fn verify_host_key(
             fingerprint,
         }),
         CheckResult::NotFound | CheckResult::Failure if opts.accept_new_host_key => {
-            let line = format!("{display} {} {}\n", key_type_name(key_type), base64(key));
+            let line = format!(
+                "{display} {} {}\n",
+                key_type_name(key_type),
+                base64(key, true)
+            );
             append_known_host(&path, &line).map_err(|source| TransportError::KnownHosts {
                 path: path.display().to_string(),
                 source,
@@ -275,9 +279,9 @@ fn key_type_name(t: ssh2::HostKeyType) -> &'static str {
     }
 }
 
-/// Standard base64 without padding, as OpenSSH prints fingerprints; with
-/// padding for key blobs (known_hosts).
-fn base64(bytes: &[u8]) -> String {
+/// Standard base64: unpadded as OpenSSH prints fingerprints, padded as
+/// known_hosts holds key blobs.
+fn base64(bytes: &[u8], pad: bool) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for group in bytes.chunks(3) {
@@ -290,8 +294,7 @@ fn base64(bytes: &[u8]) -> String {
         for i in 0..=group.len() {
             out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
         }
-        if bytes.len() > 32 {
-            // Key blobs: padded.
+        if pad {
             for _ in group.len()..3 {
                 out.push('=');
             }
@@ -558,11 +561,11 @@ mod tests {
 
     #[test]
     fn base64_matches_known_vectors() {
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64(b"fo"), "Zm8");
-        // Key blobs (over 32 bytes) are padded.
+        assert_eq!(base64(b"foobar", false), "Zm9vYmFy");
+        assert_eq!(base64(b"fo", false), "Zm8");
+        // Key blobs are padded.
         let long = [0u8; 34];
-        assert!(base64(&long).ends_with("=="));
+        assert!(base64(&long, true).ends_with("=="));
     }
 
     #[test]
