@@ -284,11 +284,22 @@ fn a_version_mismatch_is_refused_and_changes_nothing() {
     let message = expect_error(
         session(
             &root,
-            &[Message::Hello(Hello { version: 2, ..h }), raw(0, &[1; 512])],
+            &[
+                Message::Hello(Hello {
+                    version: crate::protocol::VERSION + 1,
+                    ..h
+                }),
+                raw(0, &[1; 512]),
+            ],
         ),
         ErrorCode::Version,
     );
-    assert_eq!(message, "agent speaks protocol 1, source speaks 2");
+    let expected = format!(
+        "agent speaks protocol {}, source speaks {}",
+        crate::protocol::VERSION,
+        crate::protocol::VERSION + 1
+    );
+    assert_eq!(message, expected);
     assert!(tmp.names(&root).is_empty());
 }
 
