@@ -21,7 +21,7 @@ use ferry::{
         linux::{LinuxTracker, DEFAULT_BPF_DIR},
         ChunkSize, Tracker,
     },
-    transport::{ConnectOptions, Secret, SshOptions, TargetUrl},
+    transport::{ConnectOptions, Password, Secret, SshOptions, TargetUrl},
 };
 
 /// ferry keeps standby copies of a server's disks current by shipping only the
@@ -304,9 +304,14 @@ impl SshArgs {
                 .join(rest),
             None => PathBuf::from(&self.known_hosts),
         };
+        // Checked now for a clear error; `ssh` gets it later from ferry's
+        // askpass run, which reads it again.
         let password = match &self.password_file {
-            Some(path) => Some(Secret::from_file(path)?),
-            None => Secret::from_env(),
+            Some(path) => {
+                Secret::from_file(path)?;
+                Some(Password::File(path.clone()))
+            }
+            None => Secret::from_env().map(|_| Password::Env),
         };
         Ok(ConnectOptions {
             ssh: SshOptions {
@@ -410,6 +415,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    if std::env::var_os(ferry::transport::ssh::ASKPASS_ENV).is_some() {
+        return askpass();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
@@ -927,4 +935,21 @@ fn print_dirty(out: &mut impl Write, r: &DirtyReport, json: bool) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+/// ferry as `ssh`'s askpass program (ferry sets this up for `ssh` when a
+/// password is given): the prompt is the one argument, the answer goes to
+/// stdout.
+fn askpass() -> ExitCode {
+    let prompt = std::env::args().nth(1).unwrap_or_default();
+    match ferry::transport::ssh::askpass(&prompt) {
+        Ok(secret) => {
+            println!("{}", secret.expose());
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            eprintln!("ferry: {reason}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -14,15 +14,13 @@ use crate::{boot_assets, sys};
 
 /// Debian packages the build, tests, benches and demo use. `libllvm22` is
 /// what bpf-linker links against; it comes from bookworm-security.
-/// `libssl-dev` and `pkg-config` build libssh2; `openssh-server` is the
-/// real sshd the transport tests talk to; `rsync` is a bench baseline.
+/// `openssh-client` is ferry's SSH transport; `openssh-server` is the real
+/// sshd the transport tests talk to; `rsync` is a bench baseline.
 /// The boot test's packages are in [`boot_assets::PACKAGES`].
 const APT_PACKAGES: &[&str] = &[
     "fio",
     "openssh-server",
     "openssh-client",
-    "libssl-dev",
-    "pkg-config",
     "rsync",
     "util-linux",
     "e2fsprogs",

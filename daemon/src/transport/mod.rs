@@ -4,9 +4,10 @@
 //! - `file://` runs the agent in this process, on a thread joined by two
 //!   pipes: no network, the same agent code as a remote target;
 //! - `ssh://` runs `ferry agent` on the target over an SSH exec channel
-//!   (libssh2). The host key is always checked against known_hosts. If the
-//!   target has no ferry of this version, ferry pushes its own binary over
-//!   SFTP into a private directory and checks it before running it.
+//!   (the OpenSSH client). The host key is always checked against
+//!   known_hosts. If the target has no ferry of this version, ferry pushes
+//!   its own binary into a private directory and checks it before running
+//!   it.
 //!
 //! Frames are the protocol's business; a link only moves bytes, in both
 //! directions at once, so an agent's error reply is seen while data is
@@ -22,32 +23,16 @@ use std::{
     thread::JoinHandle,
 };
 
-pub use ssh::{Secret, SshOptions};
+pub use ssh::{Password, Secret, SshOptions};
 pub use url::{Endpoint, TargetUrl, UrlError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot connect to {addr}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("SSH handshake with {host} failed")]
-    Handshake {
-        host: String,
-        #[source]
-        source: ssh2::Error,
-    },
     #[error(
-        "host key of {host} is not in {known_hosts} ({fingerprint}); check it, then rerun with \
+        "host key of {host} is not in {known_hosts}; check it (ssh-keyscan), then rerun with \
          --accept-new-host-key to record it"
     )]
-    UnknownHostKey {
-        host: String,
-        known_hosts: String,
-        fingerprint: String,
-    },
+    UnknownHostKey { host: String, known_hosts: String },
     #[error(
         "host key of {host} does not match {known_hosts} (now {fingerprint}): refusing to \
          connect; if the host was reinstalled, remove its old key from that file"
@@ -71,13 +56,10 @@ pub enum TransportError {
     },
     #[error("password file {path}: {reason}")]
     PasswordFile { path: String, reason: String },
-    #[error("SSH {op} on {host} failed")]
-    Ssh {
-        host: String,
-        op: &'static str,
-        #[source]
-        source: ssh2::Error,
-    },
+    #[error("ssh to {host} failed: {message}")]
+    Ssh { host: String, message: String },
+    #[error("the OpenSSH client `ssh` is not installed (Debian: apt install openssh-client)")]
+    NoClient,
     #[error("cannot install ferry on {host}: {reason}")]
     Push { host: String, reason: String },
     #[error("{op}")]
@@ -145,8 +127,13 @@ pub fn connect(url: &TargetUrl, opts: &ConnectOptions) -> Result<Link, Transport
     match &url.endpoint {
         Endpoint::Local => local::start(&url.root),
         Endpoint::Ssh { user, host, port } => {
-            let conn = ssh::connect(user, host, *port, &opts.ssh)?;
-            ssh::start_agent(conn, &url.root)
+            let dest = ssh::Destination {
+                user,
+                host,
+                port: *port,
+                opts: &opts.ssh,
+            };
+            ssh::start_agent(&dest, &url.root)
         }
     }
 }

@@ -1,28 +1,35 @@
-//! Making sure the target runs an agent of this very ferry.
+//! Making sure the target runs an agent of this very ferry, in one round
+//! trip when it is already there.
 //!
-//! In order: a copy pushed earlier, found by the hash of this binary
-//! (checked when it was pushed); a `ferry` on the target's PATH that reports
-//! this version; otherwise this binary is pushed over SFTP into
-//! `~/.cache/ferry/agent-<sha256 prefix>/` (mode 0700), read back, checked
-//! against its SHA-256, and only then renamed into place and run.
+//! The launcher, a short `/bin/sh` script run over the exec channel, picks
+//! in order: a copy pushed earlier, found by the hash of this binary (it
+//! was checked when it was pushed); a `ferry` on the target's PATH that
+//! reports this version. It prints [`RUNNING`] and becomes the agent, or
+//! prints [`MISSING`] and exits. Then ferry pushes its own binary into
+//! `~/.cache/ferry/agent-<sha256 prefix>/` (mode 0700) as `ferry.part`,
+//! reads it back, checks its SHA-256, and only then has the next launcher
+//! rename it into place and run it.
 
-use std::{
-    io::{Read, Write},
-    path::{Path, PathBuf},
-    sync::OnceLock,
-};
+use std::{path::Path, sync::OnceLock};
 
 use sha2::{Digest, Sha256};
-use ssh2::{OpenFlags, OpenType, RenameFlags, Session, Sftp};
 
-use super::{ssh::shell_quote, TransportError};
+use super::{
+    ssh::{self, shell_quote, Destination},
+    TransportError,
+};
 
 /// What `ferry --version` prints.
 pub fn version_line() -> String {
     format!("ferry {}", env!("CARGO_PKG_VERSION"))
 }
 
-/// This binary and its SHA-256, read once.
+/// The launcher's line before the agent's stream starts.
+pub const RUNNING: &str = "ferry-launcher: agent starting";
+/// The launcher's line when the target has no ferry of this build.
+pub const MISSING: &str = "ferry-launcher: no agent";
+
+/// This binary and its SHA-256, read once per process.
 fn own_binary() -> Result<&'static (Vec<u8>, String), String> {
     static BINARY: OnceLock<Result<(Vec<u8>, String), String>> = OnceLock::new();
     BINARY
@@ -41,99 +48,148 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Returns the shell word that runs the right ferry on the target.
-pub fn remote_ferry(session: &Session, host: &str) -> Result<String, TransportError> {
+/// The directory (under the login's home) a pushed copy lives in.
+fn cache_dir(hash: &str) -> String {
+    format!("\"$HOME\"/.cache/ferry/agent-{}", &hash[..16])
+}
+
+/// The command that starts the agent for `root`. With `promote`, a
+/// `ferry.part` that was just checked becomes the cached copy first.
+pub fn launcher(root: &Path, promote: bool) -> Result<String, TransportError> {
+    let (_, hash) = own_binary().map_err(|reason| TransportError::Push {
+        host: "this host".into(),
+        reason,
+    })?;
+    Ok(launcher_script(hash, root, promote))
+}
+
+fn launcher_script(hash: &str, root: &Path, promote: bool) -> String {
+    let dir = cache_dir(hash);
+    let promote = if promote {
+        "[ -f \"$d/ferry.part\" ] && mv -f \"$d/ferry.part\" \"$d/ferry\"; "
+    } else {
+        ""
+    };
+    let script = format!(
+        "d={dir}; {promote}\
+         if [ -x \"$d/ferry\" ]; then f=\"$d/ferry\"; \
+         elif [ \"$(ferry --version 2>/dev/null)\" = {version} ]; then f=ferry; \
+         else echo {missing}; exit 0; fi; \
+         echo {running}; exec \"$f\" agent --root {root}",
+        version = shell_quote(&version_line()),
+        missing = shell_quote(MISSING),
+        running = shell_quote(RUNNING),
+        root = shell_quote(&root.to_string_lossy()),
+    );
+    // Whatever the login shell is (bash, zsh, fish, csh), `exec /bin/sh -c`
+    // is one simple command it runs the same way.
+    format!("exec /bin/sh -c {}", shell_quote(&script))
+}
+
+/// Copies this binary to the target as `ferry.part` in the cache directory
+/// and checks the copy's SHA-256 from what the target reads back.
+pub fn upload(dest: &Destination<'_>) -> Result<(), TransportError> {
+    let host = dest.display();
     let push_err = |reason: String| TransportError::Push {
-        host: host.to_owned(),
+        host: host.clone(),
         reason,
     };
     let (bytes, hash) = own_binary().map_err(push_err)?;
-    let sftp = session.sftp().map_err(|e| push_err(format!("SFTP: {e}")))?;
-    let home = sftp
-        .realpath(Path::new("."))
-        .map_err(|e| push_err(format!("SFTP home directory: {e}")))?;
-    let dir = home
-        .join(".cache/ferry")
-        .join(format!("agent-{}", &hash[..16]));
-    let path = dir.join("ferry");
-    // A copy under this hash's name was checked when it was pushed and only
-    // then renamed into place, in a directory only its owner can write; the
-    // size guards against a truncated file without reading it all back.
-    if sftp
-        .stat(&path)
-        .is_ok_and(|st| st.size == Some(bytes.len() as u64))
-    {
-        return Ok(shell_quote(&path.to_string_lossy()));
-    }
-    // Running a command costs a round trip and a login shell: only now.
-    if let Ok((0, out)) = run(session, "ferry --version 2>/dev/null") {
-        if out.trim() == version_line() {
-            return Ok("ferry".to_owned());
-        }
-    }
-    for d in [home.join(".cache"), home.join(".cache/ferry"), dir.clone()] {
-        if sftp.stat(&d).is_err() {
-            sftp.mkdir(&d, 0o700)
-                .map_err(|e| push_err(format!("mkdir {}: {e}", d.display())))?;
-        }
-    }
-    let part = dir.join("ferry.part");
-    {
-        let mut f = sftp
-            .open_mode(
-                &part,
-                OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::TRUNCATE,
-                0o700,
-                OpenType::File,
-            )
-            .map_err(|e| push_err(format!("create {}: {e}", part.display())))?;
-        for piece in bytes.chunks(1 << 20) {
-            f.write_all(piece)
-                .map_err(|e| push_err(format!("write {}: {e}", part.display())))?;
-        }
-    }
-    let got = remote_hash(&sftp, &part).map_err(push_err)?;
-    if got != *hash {
-        let _ = sftp.unlink(&part);
+    let script = format!(
+        "umask 077 && d={dir} && mkdir -p \"$d\" && cat > \"$d/ferry.part\" && \
+         chmod 700 \"$d/ferry.part\" && cat \"$d/ferry.part\"",
+        dir = cache_dir(hash)
+    );
+    let mut back = Sha256::new();
+    let mut len = 0u64;
+    ssh::run(
+        dest,
+        &format!("exec /bin/sh -c {}", shell_quote(&script)),
+        bytes,
+        &mut |piece| {
+            back.update(piece);
+            len += piece.len() as u64;
+        },
+    )?;
+    let got = hex(&back.finalize());
+    if len != bytes.len() as u64 || got != *hash {
         return Err(push_err(format!(
-            "the copy's SHA-256 is {got}, expected {hash}: transfer corrupted"
+            "the copy reads back as {len} bytes with SHA-256 {got}, expected {} bytes with \
+             {hash}: transfer corrupted",
+            bytes.len()
         )));
     }
-    sftp.rename(
-        &part,
-        &path,
-        Some(RenameFlags::OVERWRITE | RenameFlags::ATOMIC),
-    )
-    .map_err(|e| push_err(format!("rename into {}: {e}", path.display())))?;
-    tracing::info!("pushed ferry to {host}:{}", path.display());
-    Ok(shell_quote(&path.to_string_lossy()))
+    tracing::info!("pushed ferry to {host} (~/.cache/ferry/agent-{})", &hash[..16]);
+    Ok(())
 }
 
-/// SHA-256 of a remote file, read back over SFTP.
-fn remote_hash(sftp: &Sftp, path: &PathBuf) -> Result<String, String> {
-    let mut f = sftp
-        .open(path)
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("read {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Runs the launcher with a fake home and PATH; returns its stdout.
+    fn launch(home: &Path, path: &str, promote: bool) -> String {
+        let script = launcher_script(&"ab".repeat(32), Path::new("/srv/st"), promote);
+        let out = Command::new("/bin/sh")
+            .args(["-c", &script])
+            .env("HOME", home)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
-    Ok(hex(&hasher.finalize()))
-}
 
-/// Runs `command` on the target; its exit status and stdout.
-fn run(session: &Session, command: &str) -> Result<(i32, String), ssh2::Error> {
-    let mut ch = session.channel_session()?;
-    ch.exec(command)?;
-    let mut out = String::new();
-    let _ = ch.read_to_string(&mut out);
-    ch.wait_close()?;
-    Ok((ch.exit_status()?, out))
+    #[test]
+    fn launcher_prefers_the_checked_copy_then_this_version_on_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = crate::testutil::TempDir::new("launcher");
+        let fake = |path: &Path, says: &str| {
+            std::fs::write(path, format!("#!/bin/sh\necho \"{says} $*\"\n")).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        let bin = tmp.path("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let sys_path = format!("{}:/usr/bin:/bin", bin.display());
+
+        // Nothing there: it says so and runs nothing.
+        assert_eq!(launch(&tmp.0, &sys_path, false), format!("{MISSING}\n"));
+
+        // Another version on PATH is not good enough.
+        fake(&bin.join("ferry"), "ferry 0.0.0-other");
+        assert_eq!(launch(&tmp.0, &sys_path, false), format!("{MISSING}\n"));
+
+        // This version on PATH is.
+        std::fs::write(
+            bin.join("ferry"),
+            format!(
+                "#!/bin/sh\n[ \"$1\" = --version ] && echo '{}' && exit\necho \"path $*\"\n",
+                version_line()
+            ),
+        )
+        .unwrap();
+        let out = launch(&tmp.0, &sys_path, false);
+        assert_eq!(out, format!("{RUNNING}\npath agent --root /srv/st\n"));
+
+        // A pushed part is used only when promoted (after its check), and
+        // then before the one on PATH.
+        let cache = tmp.path(".cache/ferry/agent-abababababababab");
+        std::fs::create_dir_all(&cache).unwrap();
+        fake(&cache.join("ferry.part"), "cached");
+        let out = launch(&tmp.0, &sys_path, false);
+        assert_eq!(out, format!("{RUNNING}\npath agent --root /srv/st\n"));
+        let out = launch(&tmp.0, &sys_path, true);
+        assert_eq!(out, format!("{RUNNING}\ncached agent --root /srv/st\n"));
+        assert!(!cache.join("ferry.part").exists());
+        // And from then on without promotion.
+        let out = launch(&tmp.0, &sys_path, false);
+        assert_eq!(out, format!("{RUNNING}\ncached agent --root /srv/st\n"));
+    }
+
+    #[test]
+    fn launcher_quotes_the_root() {
+        let script = launcher_script(&"0".repeat(64), Path::new("/srv/it's here"), false);
+        assert!(script.starts_with("exec /bin/sh -c '"), "{script}");
+        assert!(!script.contains("$(rm"), "{script}");
+    }
 }
