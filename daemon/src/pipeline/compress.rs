@@ -1,11 +1,16 @@
 //! The compressor pool: workers that hash each data run and compress it with
 //! zstd, keeping the raw bytes when compression would save less than 5%.
 //!
-//! Long runs are tasted first: three small samples (start, middle, end) are
-//! compressed, and a run none of whose samples compresses is sent raw
-//! without compressing the rest. On random or encrypted data this cuts the
-//! compressor's work about fortyfold; a run that compresses anywhere a
-//! sample lands is compressed whole.
+//! Data that does not compress is not compressed again and again:
+//! - a long run is tasted first: three 8 KiB samples (start, middle, end)
+//!   are compressed, and a run none of whose samples compresses is sent raw
+//!   without compressing the rest;
+//! - after [`STREAK`] short runs in a row that did not compress, a worker
+//!   sends short runs raw, trying one in every [`RETRY_EVERY`] again.
+//!
+//! On random or encrypted data this cuts the compressor's work about
+//! fortyfold for long runs and sixteenfold for scattered 4 KiB writes; data
+//! that compresses anywhere a sample or a retry lands is compressed.
 
 use std::{io, sync::Arc};
 
@@ -21,23 +26,75 @@ const WORTH_PERCENT: u64 = 95;
 /// Bytes in each of the three samples a long run is tasted with.
 const SAMPLE: usize = 8 << 10;
 
-/// Whether `raw` is worth compressing: short runs always are tried; long
-/// ones when at least one sample compresses.
-fn worth_trying(zstd: &mut Compressor<'_>, scratch: &mut Vec<u8>, raw: &[u8]) -> io::Result<bool> {
-    if raw.len() < 8 * SAMPLE {
-        return Ok(true);
+/// Runs of at least this many bytes are tasted by samples.
+const LONG: usize = 8 * SAMPLE;
+/// Short runs in a row that did not compress before a worker stops trying.
+const STREAK: u32 = 8;
+/// While it has stopped, a worker still tries one short run in this many.
+const RETRY_EVERY: u32 = 16;
+
+/// One worker's compressor and what it learnt about the data.
+pub(super) struct Zstd {
+    compressor: Compressor<'static>,
+    scratch: Vec<u8>,
+    /// Short runs in a row that did not compress (or were not tried).
+    misses: u32,
+}
+
+impl Zstd {
+    pub(super) fn new(level: i32) -> io::Result<Self> {
+        Ok(Self {
+            compressor: Compressor::new(level)?,
+            scratch: Vec::new(),
+            misses: 0,
+        })
     }
-    let middle = (raw.len() / 2) & !(SAMPLE - 1);
-    for start in [0, middle, raw.len() - SAMPLE] {
-        let sample = &raw[start..start + SAMPLE];
-        scratch.clear();
-        scratch.reserve(zstd::zstd_safe::compress_bound(SAMPLE));
-        let n = zstd.compress_to_buffer(sample, scratch)?;
-        if (n as u64) * 100 < SAMPLE as u64 * WORTH_PERCENT {
-            return Ok(true);
+
+    /// `raw` compressed, or `None` when that would not save 5%.
+    fn compress(&mut self, raw: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        if raw.len() >= LONG {
+            if !self.samples_compress(raw)? {
+                return Ok(None);
+            }
+            return self.whole(raw);
         }
+        if self.misses >= STREAK && self.misses % RETRY_EVERY != 0 {
+            self.misses += 1;
+            return Ok(None);
+        }
+        let out = self.whole(raw)?;
+        self.misses = if out.is_some() { 0 } else { self.misses + 1 };
+        Ok(out)
     }
-    Ok(false)
+
+    fn whole(&mut self, raw: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        let n = self.squeeze(raw)?;
+        Ok((!too_big(n, raw.len())).then(|| self.scratch[..n].to_vec()))
+    }
+
+    /// Whether at least one of three samples of a long run compresses.
+    fn samples_compress(&mut self, raw: &[u8]) -> io::Result<bool> {
+        let middle = (raw.len() / 2) & !(SAMPLE - 1);
+        for start in [0, middle, raw.len() - SAMPLE] {
+            if !too_big(self.squeeze(&raw[start..start + SAMPLE])?, SAMPLE) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Compresses `raw` into the scratch buffer; returns the length.
+    fn squeeze(&mut self, raw: &[u8]) -> io::Result<usize> {
+        self.scratch.clear();
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        self.compressor.compress_to_buffer(raw, &mut self.scratch)
+    }
+}
+
+/// Whether `n` compressed bytes of `raw` raw ones save too little.
+fn too_big(n: usize, raw: usize) -> bool {
+    n as u64 * 100 >= raw as u64 * WORTH_PERCENT
 }
 
 /// A run of non-zero chunks on its way to a worker.
@@ -64,21 +121,20 @@ impl Worker {
         };
         let mut zstd = None;
         if self.level != 0 {
-            match Compressor::new(self.level) {
-                Ok(c) => zstd = Some(c),
+            match Zstd::new(self.level) {
+                Ok(z) => zstd = Some(z),
                 Err(source) => {
                     self.fail(source);
                     return;
                 }
             }
         }
-        let mut scratch = Vec::new();
         for job in self.jobs.iter() {
             if self.shared.cancelled() {
                 // Dropping the job returns its permit.
                 continue;
             }
-            match encode(zstd.as_mut(), &mut scratch, job) {
+            match encode(zstd.as_mut(), job) {
                 Ok(piece) => {
                     if let Piece::Data {
                         raw_len, payload, ..
@@ -108,13 +164,8 @@ impl Worker {
     }
 }
 
-/// Hashes and (with `zstd`) compresses `job` into a `Data` piece, using
-/// `scratch` as the compression buffer.
-pub(super) fn encode(
-    zstd: Option<&mut Compressor<'_>>,
-    scratch: &mut Vec<u8>,
-    job: Job,
-) -> io::Result<Piece> {
+/// Hashes and (with `zstd`) compresses `job` into a `Data` piece.
+pub(super) fn encode(zstd: Option<&mut Zstd>, job: Job) -> io::Result<Piece> {
     let Job {
         offset,
         raw,
@@ -122,21 +173,12 @@ pub(super) fn encode(
     } = job;
     let data_hash = xxhash_rust::xxh3::xxh3_64(&raw);
     let raw_len = u32::try_from(raw.len()).expect("runs are at most one read long");
-    let zstd = match zstd {
-        Some(zstd) => worth_trying(zstd, scratch, &raw)?.then_some(zstd),
+    let compressed = match zstd {
+        Some(zstd) => zstd.compress(&raw)?,
         None => None,
     };
-    let (codec, payload) = match zstd {
-        Some(zstd) => {
-            scratch.clear();
-            scratch.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-            let n = zstd.compress_to_buffer(&raw, scratch)?;
-            if n as u64 * 100 >= u64::from(raw_len) * WORTH_PERCENT {
-                (Codec::Raw, raw)
-            } else {
-                (Codec::Zstd, scratch[..n].to_vec())
-            }
-        }
+    let (codec, payload) = match compressed {
+        Some(payload) => (Codec::Zstd, payload),
         None => (Codec::Raw, raw),
     };
     // The raw bytes are gone if compressed: hold only what is kept.
@@ -169,8 +211,8 @@ mod tests {
     fn compressible_data_is_zstd_and_round_trips() {
         let budget = Budget::new(1 << 20);
         let raw: Vec<u8> = (0..65536u32).map(|i| (i % 7) as u8).collect();
-        let mut z = Compressor::new(1).unwrap();
-        let piece = encode(Some(&mut z), &mut Vec::new(), job(&budget, raw.clone())).unwrap();
+        let mut z = Zstd::new(1).unwrap();
+        let piece = encode(Some(&mut z), job(&budget, raw.clone())).unwrap();
         let Piece::Data {
             offset,
             raw_len,
@@ -195,8 +237,8 @@ mod tests {
         let budget = Budget::new(1 << 20);
         let mut raw = vec![0; 65536];
         rand::thread_rng().fill_bytes(&mut raw);
-        let mut z = Compressor::new(3).unwrap();
-        let piece = encode(Some(&mut z), &mut Vec::new(), job(&budget, raw.clone())).unwrap();
+        let mut z = Zstd::new(3).unwrap();
+        let piece = encode(Some(&mut z), job(&budget, raw.clone())).unwrap();
         let Piece::Data { codec, payload, .. } = piece else {
             panic!("not data")
         };
@@ -211,8 +253,8 @@ mod tests {
         rand::thread_rng().fill_bytes(&mut raw);
         let middle = raw.len() / 2 - (64 << 10);
         raw[middle..middle + (128 << 10)].fill(7);
-        let mut z = Compressor::new(1).unwrap();
-        let piece = encode(Some(&mut z), &mut Vec::new(), job(&budget, raw.clone())).unwrap();
+        let mut z = Zstd::new(1).unwrap();
+        let piece = encode(Some(&mut z), job(&budget, raw.clone())).unwrap();
         let Piece::Data { codec, payload, .. } = piece else {
             panic!("not data")
         };
@@ -222,9 +264,8 @@ mod tests {
         // The same run without the compressible part is tasted and sent raw.
         let mut random = vec![0; 1 << 20];
         rand::thread_rng().fill_bytes(&mut random);
-        let mut scratch = Vec::new();
-        assert!(!worth_trying(&mut z, &mut scratch, &random).unwrap());
-        let piece = encode(Some(&mut z), &mut scratch, job(&budget, random.clone())).unwrap();
+        assert!(!z.samples_compress(&random).unwrap());
+        let piece = encode(Some(&mut z), job(&budget, random.clone())).unwrap();
         let Piece::Data { codec, payload, .. } = piece else {
             panic!("not data")
         };
@@ -232,10 +273,38 @@ mod tests {
     }
 
     #[test]
+    fn a_streak_of_incompressible_short_runs_stops_the_tries_until_data_compresses() {
+        let mut z = Zstd::new(1).unwrap();
+        let mut random = vec![0; 4096];
+        let mut tried = 0;
+        for _ in 0..STREAK + 2 * RETRY_EVERY {
+            rand::thread_rng().fill_bytes(&mut random);
+            let before = z.misses;
+            assert!(z.compress(&random).unwrap().is_none());
+            if before < STREAK || before % RETRY_EVERY == 0 {
+                tried += 1;
+            }
+        }
+        assert_eq!(tried, STREAK + 2, "tries after the streak: one per RETRY_EVERY");
+        // Compressible data is found at the next retry and ends the streak.
+        let text = vec![b'a'; 4096];
+        let mut found = None;
+        for i in 0..RETRY_EVERY {
+            if z.compress(&text).unwrap().is_some() {
+                found = Some(i);
+                break;
+            }
+        }
+        assert!(found.is_some(), "a retry must land within RETRY_EVERY runs");
+        assert_eq!(z.misses, 0);
+        assert!(z.compress(&text).unwrap().is_some());
+    }
+
+    #[test]
     fn level_zero_is_always_raw() {
         let budget = Budget::new(1 << 20);
         let raw = vec![1; 8192];
-        let piece = encode(None, &mut Vec::new(), job(&budget, raw.clone())).unwrap();
+        let piece = encode(None, job(&budget, raw.clone())).unwrap();
         let Piece::Data { codec, payload, .. } = piece else {
             panic!("not data")
         };

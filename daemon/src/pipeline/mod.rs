@@ -463,6 +463,11 @@ impl Pipeline {
         }
     }
 
+    /// Whether a piece (or the end) is ready without waiting.
+    pub fn ready(&self) -> bool {
+        self.ended.load(Ordering::Relaxed) || !self.rx.is_empty()
+    }
+
     /// The next piece, in any order; `None` when everything was read. An
     /// `Err` ends the stream: after it, this returns `None`.
     pub fn recv(&self) -> Option<Result<Piece, PipelineError>> {

@@ -491,7 +491,12 @@ impl Source {
     ) -> Result<PipelineStats, SyncError> {
         let pipe = self.start(plan)?;
         let mut done = 0;
-        while let Some(piece) = pipe.recv() {
+        loop {
+            if !pipe.ready() {
+                // The reader is behind: what is gathered goes out meanwhile.
+                session.flush()?;
+            }
+            let Some(piece) = pipe.recv() else { break };
             let piece = piece?;
             done += piece.raw_len();
             send_piece(session, piece)?;

@@ -3,7 +3,7 @@
 //! agent's error is seen while data is still going out.
 
 use std::{
-    io::{self, Write},
+    io::{self, BufWriter, Write},
     sync::Arc,
     thread::JoinHandle,
 };
@@ -22,8 +22,15 @@ use crate::{
 /// set it; the agent must detect the damage and apply nothing.
 pub const CORRUPT_FRAME_ENV: &str = "FERRY_TEST_CORRUPT_FRAME";
 
+/// Frames are gathered up to this many bytes before they go to the link:
+/// thousands of 4 KiB extents then cost a few hundred writes to the pipe
+/// (and SSH packets), not two each. Larger payloads go straight through.
+const SEND_BUFFER: usize = 256 << 10;
+
 pub struct Session {
-    tx: Option<io::PipeWriter>,
+    /// Flushed before every wait for a reply ([`Session::recv`]) and
+    /// whenever the sender has nothing more ready ([`Session::flush`]).
+    tx: Option<BufWriter<io::PipeWriter>>,
     replies: Receiver<Result<Message, ProtocolError>>,
     /// Replies `check` saw early, kept for `recv` in order.
     early: std::collections::VecDeque<Message>,
@@ -64,7 +71,7 @@ impl Session {
             })
             .ok();
         Self {
-            tx: Some(tx),
+            tx: Some(BufWriter::with_capacity(SEND_BUFFER, tx)),
             replies,
             early: std::collections::VecDeque::new(),
             reader,
@@ -111,7 +118,7 @@ impl Session {
     fn write(
         &mut self,
         len: u64,
-        put: impl FnOnce(&mut io::PipeWriter) -> io::Result<()>,
+        put: impl FnOnce(&mut BufWriter<io::PipeWriter>) -> io::Result<()>,
     ) -> Result<(), SyncError> {
         // An error the agent already sent explains a failed write better.
         self.check()?;
@@ -151,11 +158,24 @@ impl Session {
         }
     }
 
+    /// Sends what is gathered. Call it before waiting for anything else
+    /// than a reply (a reply wait flushes by itself).
+    pub fn flush(&mut self) -> Result<(), SyncError> {
+        let Some(tx) = self.tx.as_mut() else {
+            return Ok(());
+        };
+        if let Err(e) = tx.flush() {
+            return Err(self.lost(e));
+        }
+        Ok(())
+    }
+
     /// Waits for the next reply; an agent error becomes `Refused`.
     pub fn recv(&mut self) -> Result<Message, SyncError> {
         if let Some(msg) = self.early.pop_front() {
             return Ok(msg);
         }
+        self.flush()?;
         match self.replies.recv() {
             Ok(Ok(Message::Error { code, message })) => Err(SyncError::Refused {
                 peer: self.peer.clone(),
