@@ -501,11 +501,7 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Option<Message>, ProtocolError
         let mut bytes = vec![0; len as usize - DATA_PREFIX_LEN];
         read_exact(r, &mut bytes)?;
         let raw = prefix[DATA_CODEC_AT] == Codec::Raw as u8;
-        let covered: &[&[u8]] = if raw {
-            &[&prefix]
-        } else {
-            &[&prefix, &bytes]
-        };
+        let covered: &[&[u8]] = if raw { &[&prefix] } else { &[&prefix, &bytes] };
         if payload_checksum(seed, covered) != checksum {
             return Err(ProtocolError::Checksum { kind });
         }
@@ -1115,10 +1111,7 @@ mod tests {
         // The checksum of a raw Data frame covers its fixed fields only.
         let mut frame = with_header(3, 0, prefix.len() as u32 + 4, 0, &prefix);
         frame.extend_from_slice(&[0; 4]);
-        assert!(matches!(
-            read(frame),
-            Err(ProtocolError::Malformed { .. })
-        ));
+        assert!(matches!(read(frame), Err(ProtocolError::Malformed { .. })));
     }
 
     #[test]

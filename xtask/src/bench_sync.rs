@@ -138,14 +138,7 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         failures: Vec::new(),
     };
     util::step(&format!("{churn}: ferry incremental sync over ssh"));
-    let ferry_churn = runner.attempt("ferry incremental sync after the churn", || {
-        let report = image.sync(&rig, &device)?;
-        expect_mode(&report, "incremental")?;
-        Ok(report)
-    })?;
-    if ferry_churn.is_some() {
-        image.check(&mut runner, &rig, &device, &source, "the churn")?;
-    }
+    let ferry_churn = image.incremental(&mut runner, &rig, &device, &source, "the churn")?;
 
     util::step(&format!(
         "{churn}: rsync --inplace --no-whole-file of the backing file over the same sshd"
@@ -165,14 +158,7 @@ pub fn run(args: &SyncArgs) -> Result<()> {
     ));
     workload::overwrite(&device, bytes, &mut rng)?;
     util::step("100% churn: ferry incremental sync over ssh");
-    let ferry_all = runner.attempt("ferry incremental sync after the overwrite", || {
-        let report = image.sync(&rig, &device)?;
-        expect_mode(&report, "incremental")?;
-        Ok(report)
-    })?;
-    if ferry_all.is_some() {
-        image.check(&mut runner, &rig, &device, &source, "the overwrite")?;
-    }
+    let ferry_all = image.incremental(&mut runner, &rig, &device, &source, "the overwrite")?;
     // The first overwrite also fills the thin image's holes (the chunks the
     // seed skipped as zeroes), and a fresh tmpfs page costs more to write
     // than a used one. A second overwrite measures the steady state.
@@ -180,14 +166,8 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         "100% churn again: overwriting all of {device} (the image has no holes left)"
     ));
     workload::overwrite(&device, bytes, &mut rng)?;
-    let ferry_again = runner.attempt("ferry incremental sync after the second overwrite", || {
-        let report = image.sync(&rig, &device)?;
-        expect_mode(&report, "incremental")?;
-        Ok(report)
-    })?;
-    if ferry_again.is_some() {
-        image.check(&mut runner, &rig, &device, &source, "the second overwrite")?;
-    }
+    let ferry_again =
+        image.incremental(&mut runner, &rig, &device, &source, "the second overwrite")?;
     util::step("physical limit: reading the source (fio, O_DIRECT, 1 MiB reads, 16 in flight)");
     let read = runner.attempt("reading the source", || read_device(&device))?;
     util::step("physical limit: the same bytes through ssh 'cat > /dev/null'");
@@ -223,6 +203,26 @@ struct Standby {
 impl Standby {
     fn sync(&self, rig: &Rig, device: &str) -> Result<SyncReport> {
         standby::sync(rig, device, &self.url, &self.ssh_args)
+    }
+
+    /// A timed incremental sync after `after`, then the checks.
+    fn incremental(
+        &self,
+        runner: &mut Runner,
+        rig: &Rig,
+        device: &str,
+        source: &Path,
+        after: &str,
+    ) -> Result<Option<SyncReport>> {
+        let report = runner.attempt(&format!("ferry incremental sync after {after}"), || {
+            let report = self.sync(rig, device)?;
+            expect_mode(&report, "incremental")?;
+            Ok(report)
+        })?;
+        if report.is_some() {
+            self.check(runner, rig, device, source, after)?;
+        }
+        Ok(report)
     }
 
     /// Checks the image twice: with `ferry verify`, as a user would, and

@@ -285,7 +285,11 @@ mod tests {
                 tried += 1;
             }
         }
-        assert_eq!(tried, STREAK + 2, "tries after the streak: one per RETRY_EVERY");
+        assert_eq!(
+            tried,
+            STREAK + 2,
+            "tries after the streak: one per RETRY_EVERY"
+        );
         // Compressible data is found at the next retry and ends the streak.
         let text = vec![b'a'; 4096];
         let mut found = None;

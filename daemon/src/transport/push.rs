@@ -119,7 +119,10 @@ pub fn upload(dest: &Destination<'_>) -> Result<(), TransportError> {
             bytes.len()
         )));
     }
-    tracing::info!("pushed ferry to {host} (~/.cache/ferry/agent-{})", &hash[..16]);
+    tracing::info!(
+        "pushed ferry to {host} (~/.cache/ferry/agent-{})",
+        &hash[..16]
+    );
     Ok(())
 }
 

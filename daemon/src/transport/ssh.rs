@@ -298,16 +298,15 @@ impl Destination<'_> {
         }
         TransportError::Ssh {
             host: self.display(),
-            message: last_line(stderr).unwrap_or("ssh exited with status 255").to_owned(),
+            message: last_line(stderr)
+                .unwrap_or("ssh exited with status 255")
+                .to_owned(),
         }
     }
 }
 
 fn last_line(text: &str) -> Option<&str> {
-    text.lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
+    text.lines().rev().map(str::trim).find(|l| !l.is_empty())
 }
 
 /// Runs the agent on the target. Pushes this binary first if the target
@@ -337,7 +336,11 @@ enum Started {
 /// Longest line the remote launcher prints before the agent runs.
 const MAX_BANNER: usize = 128;
 
-fn try_start(dest: &Destination<'_>, root: &Path, promote: bool) -> Result<Started, TransportError> {
+fn try_start(
+    dest: &Destination<'_>,
+    root: &Path,
+    promote: bool,
+) -> Result<Started, TransportError> {
     let (to_agent_rx, to_agent_tx) = pipe()?;
     let (mut from_agent_rx, from_agent_tx) = pipe()?;
     let (err_rx, err_tx) = pipe()?;
@@ -556,7 +559,9 @@ pub fn shell_quote(s: &str) -> String {
 pub fn askpass(prompt: &str) -> Result<Secret, String> {
     let lower = prompt.to_lowercase();
     if !(lower.contains("password") || lower.contains("passphrase")) {
-        return Err(format!("ferry answers only password prompts, not {prompt:?}"));
+        return Err(format!(
+            "ferry answers only password prompts, not {prompt:?}"
+        ));
     }
     match std::env::var_os(ASKPASS_FILE_ENV) {
         Some(path) => Secret::from_file(Path::new(&path)).map_err(|e| e.to_string()),
@@ -679,7 +684,10 @@ mod tests {
         assert!(err.contains("--accept-new-host-key"), "{err}");
         let denied = "backup@standby.example: Permission denied (publickey,password).\r\n";
         let err = d.failure(denied).to_string();
-        assert!(err.contains("authentication as backup@[standby.example]:2222"), "{err}");
+        assert!(
+            err.contains("authentication as backup@[standby.example]:2222"),
+            "{err}"
+        );
         assert!(err.contains("publickey,password"), "{err}");
         let refused = "ssh: connect to host standby.example port 2222: Connection refused\r\n";
         let err = d.failure(refused).to_string();
