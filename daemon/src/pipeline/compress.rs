@@ -58,7 +58,7 @@ impl Zstd {
             }
             return self.whole(raw);
         }
-        if self.misses >= STREAK && self.misses % RETRY_EVERY != 0 {
+        if self.misses >= STREAK && !self.misses.is_multiple_of(RETRY_EVERY) {
             self.misses += 1;
             return Ok(None);
         }
@@ -281,7 +281,7 @@ mod tests {
             rand::thread_rng().fill_bytes(&mut random);
             let before = z.misses;
             assert!(z.compress(&random).unwrap().is_none());
-            if before < STREAK || before % RETRY_EVERY == 0 {
+            if before < STREAK || before.is_multiple_of(RETRY_EVERY) {
                 tried += 1;
             }
         }
