@@ -28,6 +28,8 @@ pub use url::{Endpoint, TargetUrl, UrlError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    #[error("cannot connect to {host}: {reason}")]
+    Connect { host: String, reason: String },
     #[error(
         "host key of {host} is not in {known_hosts}; check it (ssh-keyscan), then rerun with \
          --accept-new-host-key to record it"

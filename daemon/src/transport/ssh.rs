@@ -296,6 +296,17 @@ impl Destination<'_> {
                 tried: format!("{}; the server offers: {methods}", tried.join(", ")),
             };
         }
+        if let Some(line) = stderr.lines().find(|l| {
+            l.contains("ssh: connect to host")
+                || l.contains("Could not resolve hostname")
+                || l.contains("Connection timed out during banner exchange")
+        }) {
+            let reason = line.rsplit(": ").next().unwrap_or(line).trim();
+            return TransportError::Connect {
+                host: self.display(),
+                reason: reason.to_owned(),
+            };
+        }
         TransportError::Ssh {
             host: self.display(),
             message: last_line(stderr)
@@ -691,6 +702,9 @@ mod tests {
         assert!(err.contains("publickey,password"), "{err}");
         let refused = "ssh: connect to host standby.example port 2222: Connection refused\r\n";
         let err = d.failure(refused).to_string();
-        assert!(err.contains("Connection refused"), "{err}");
+        assert_eq!(
+            err,
+            "cannot connect to [standby.example]:2222: Connection refused"
+        );
     }
 }
