@@ -547,11 +547,12 @@ fn header(kind: Kind, payload_len: u32, payload: &[&[u8]]) -> [u8; HEADER_LEN] {
 const DATA_CODEC_AT: usize = 12;
 
 /// What a `Data` frame's checksum covers: the fixed fields, and the payload
-/// unless it is raw (then its hash, in the fixed fields, covers it).
-fn data_covered<'a>(d: &'a Data, prefix: &'a [u8; DATA_PREFIX_LEN]) -> Vec<&'a [u8]> {
+/// unless it is raw (then its hash, in the fixed fields, covers it; an empty
+/// part adds nothing to the checksum).
+fn data_covered<'a>(d: &'a Data, prefix: &'a [u8; DATA_PREFIX_LEN]) -> [&'a [u8]; 2] {
     match d.codec {
-        Codec::Raw => vec![prefix],
-        Codec::Zstd => vec![prefix, &d.payload],
+        Codec::Raw => [prefix, &[]],
+        Codec::Zstd => [prefix, &d.payload],
     }
 }
 
