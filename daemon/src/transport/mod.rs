@@ -130,10 +130,10 @@ pub fn connect(url: &TargetUrl, opts: &ConnectOptions) -> Result<Link, Transport
         Endpoint::Local => local::start(&url.root),
         Endpoint::Ssh { user, host, port } => {
             let dest = ssh::Destination {
-                user,
-                host,
+                user: user.clone(),
+                host: host.clone(),
                 port: *port,
-                opts: &opts.ssh,
+                opts: opts.ssh.clone(),
             };
             ssh::start_agent(&dest, &url.root)
         }

@@ -120,18 +120,19 @@ pub struct SshOptions {
 }
 
 /// Where and how to log in.
-pub struct Destination<'a> {
-    pub user: &'a str,
-    pub host: &'a str,
+#[derive(Clone, Debug)]
+pub struct Destination {
+    pub user: String,
+    pub host: String,
     pub port: u16,
-    pub opts: &'a SshOptions,
+    pub opts: SshOptions,
 }
 
-impl Destination<'_> {
+impl Destination {
     /// `host` or `[host]:port`, as known_hosts writes it.
     pub fn display(&self) -> String {
         if self.port == 22 {
-            self.host.to_owned()
+            self.host.clone()
         } else {
             format!("[{}]:{}", self.host, self.port)
         }
@@ -221,9 +222,9 @@ impl Destination<'_> {
             "-p".into(),
             self.port.to_string().into(),
             "-l".into(),
-            self.user.into(),
+            self.user.as_str().into(),
             "--".into(),
-            self.host.into(),
+            self.host.as_str().into(),
         ]);
         args
     }
@@ -234,7 +235,7 @@ impl Destination<'_> {
         if let Some(key) = &self.opts.identity {
             if !key.is_file() {
                 return Err(TransportError::Auth {
-                    user: self.user.into(),
+                    user: self.user.clone(),
                     host: self.display(),
                     tried: format!("key {} (no such file)", key.display()),
                 });
@@ -291,7 +292,7 @@ impl Destination<'_> {
                 tried.push("password".to_owned());
             }
             return TransportError::Auth {
-                user: self.user.into(),
+                user: self.user.clone(),
                 host: self.display(),
                 tried: format!("{}; the server offers: {methods}", tried.join(", ")),
             };
@@ -322,7 +323,7 @@ fn last_line(text: &str) -> Option<&str> {
 
 /// Runs the agent on the target. Pushes this binary first if the target
 /// has no ferry of this build or version.
-pub fn start_agent(dest: &Destination<'_>, root: &Path) -> Result<Link, TransportError> {
+pub fn start_agent(dest: &Destination, root: &Path) -> Result<Link, TransportError> {
     dest.preflight()?;
     match try_start(dest, root, false)? {
         Started::Running(link) => Ok(link),
@@ -347,11 +348,7 @@ enum Started {
 /// Longest line the remote launcher prints before the agent runs.
 const MAX_BANNER: usize = 128;
 
-fn try_start(
-    dest: &Destination<'_>,
-    root: &Path,
-    promote: bool,
-) -> Result<Started, TransportError> {
+fn try_start(dest: &Destination, root: &Path, promote: bool) -> Result<Started, TransportError> {
     let (to_agent_rx, to_agent_tx) = pipe()?;
     let (mut from_agent_rx, from_agent_tx) = pipe()?;
     let (err_rx, err_tx) = pipe()?;
@@ -366,9 +363,8 @@ fn try_start(
     let worker = std::thread::Builder::new()
         .name("ferry-ssh".into())
         .spawn({
-            let host = dest.display();
-            let failure = FailureText::of(dest);
-            move || wait(child, err_rx, &host, &failure)
+            let dest = dest.clone();
+            move || wait(child, err_rx, &dest)
         })
         .map_err(|source| TransportError::Io {
             op: "start the ssh watcher",
@@ -435,35 +431,6 @@ fn read_banner(rx: &mut io::PipeReader) -> io::Result<String> {
     Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"))
 }
 
-/// What the watcher needs to word an `ssh` failure, owned.
-struct FailureText {
-    user: String,
-    host: String,
-    port: u16,
-    opts: SshOptions,
-}
-
-impl FailureText {
-    fn of(dest: &Destination<'_>) -> Self {
-        Self {
-            user: dest.user.to_owned(),
-            host: dest.host.to_owned(),
-            port: dest.port,
-            opts: dest.opts.clone(),
-        }
-    }
-
-    fn error(&self, stderr: &str) -> TransportError {
-        Destination {
-            user: &self.user,
-            host: &self.host,
-            port: self.port,
-            opts: &self.opts,
-        }
-        .failure(stderr)
-    }
-}
-
 const STDERR_KEEP: usize = 4096;
 
 /// Keeps the tail of `ssh`'s stderr (the agent's, and ssh's own) until it
@@ -471,8 +438,7 @@ const STDERR_KEEP: usize = 4096;
 fn wait(
     mut child: Child,
     mut stderr_rx: io::PipeReader,
-    host: &str,
-    failure: &FailureText,
+    dest: &Destination,
 ) -> Result<LinkEnd, TransportError> {
     let mut stderr = Vec::new();
     let mut buf = [0u8; 4096];
@@ -490,20 +456,20 @@ fn wait(
         }
     }
     let status = child.wait().map_err(|source| TransportError::Lost {
-        host: host.to_owned(),
+        host: dest.display(),
         source,
     })?;
     let stderr = String::from_utf8_lossy(&stderr).into_owned();
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         // ssh's own failure: the connection, not the agent.
-        (Some(255), _) => Err(failure.error(&stderr)),
+        (Some(255), _) => Err(dest.failure(&stderr)),
         (code, None) => Ok(LinkEnd {
             exit_status: code,
             stderr,
         }),
         (_, Some(signal)) => Err(TransportError::Lost {
-            host: host.to_owned(),
+            host: dest.display(),
             source: io::Error::other(format!("ssh was killed by signal {signal}")),
         }),
     }
@@ -512,7 +478,7 @@ fn wait(
 /// Runs `remote` on the target with `input` on its stdin and gives back
 /// its stdout as it comes, to `sink`. For short jobs (the push).
 pub(super) fn run(
-    dest: &Destination<'_>,
+    dest: &Destination,
     remote: &str,
     input: &[u8],
     sink: &mut dyn FnMut(&[u8]),
@@ -584,12 +550,12 @@ pub fn askpass(prompt: &str) -> Result<Secret, String> {
 mod tests {
     use super::*;
 
-    fn dest(opts: &SshOptions) -> Destination<'_> {
+    fn dest(opts: &SshOptions) -> Destination {
         Destination {
-            user: "backup",
-            host: "standby.example",
+            user: "backup".into(),
+            host: "standby.example".into(),
             port: 2222,
-            opts,
+            opts: opts.clone(),
         }
     }
 
