@@ -88,7 +88,7 @@ fn launcher_script(hash: &str, root: &Path, promote: bool) -> String {
 
 /// Copies this binary to the target as `ferry.part` in the cache directory
 /// and checks the copy's SHA-256 from what the target reads back.
-pub fn upload(dest: &Destination<'_>) -> Result<(), TransportError> {
+pub fn upload(dest: &Destination) -> Result<(), TransportError> {
     let host = dest.display();
     let push_err = |reason: String| TransportError::Push {
         host: host.clone(),
@@ -133,7 +133,11 @@ mod tests {
 
     /// Runs the launcher with a fake home and PATH; returns its stdout.
     fn launch(home: &Path, path: &str, promote: bool) -> String {
-        let script = launcher_script(&"ab".repeat(32), Path::new("/srv/st"), promote);
+        launch_for(home, path, Path::new("/srv/st"), promote)
+    }
+
+    fn launch_for(home: &Path, path: &str, root: &Path, promote: bool) -> String {
+        let script = launcher_script(&"ab".repeat(32), root, promote);
         let out = Command::new("/bin/sh")
             .args(["-c", &script])
             .env("HOME", home)
@@ -190,9 +194,19 @@ mod tests {
     }
 
     #[test]
-    fn launcher_quotes_the_root() {
-        let script = launcher_script(&"0".repeat(64), Path::new("/srv/it's here"), false);
-        assert!(script.starts_with("exec /bin/sh -c '"), "{script}");
-        assert!(!script.contains("$(rm"), "{script}");
+    fn launcher_passes_the_root_as_one_word_never_as_shell() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = crate::testutil::TempDir::new("launcher-quote");
+        let cache = tmp.path(".cache/ferry/agent-abababababababab");
+        std::fs::create_dir_all(&cache).unwrap();
+        // The stand-in agent prints each argument on its own line.
+        let agent = cache.join("ferry");
+        std::fs::write(&agent, "#!/bin/sh\nprintf '%s\\n' \"$@\"\n").unwrap();
+        std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let marker = tmp.path("ran");
+        let root = format!("/srv/it's here $(touch {})", marker.display());
+        let out = launch_for(&tmp.0, "/usr/bin:/bin", Path::new(&root), false);
+        assert_eq!(out, format!("{RUNNING}\nagent\n--root\n{root}\n"));
+        assert!(!marker.exists(), "the root was run as shell");
     }
 }
