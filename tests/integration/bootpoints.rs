@@ -2,7 +2,13 @@
 //! revert, and the scripts around the freeze. Real loop devices, a mounted
 //! ext4 on the source, and the image files themselves as the judge.
 
-use std::{path::Path, process::Command};
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
 
 use crate::util::{privileged, run, same_content, write_random, Ferry, LoopDev, Mounted, TempDir};
 
@@ -540,4 +546,78 @@ fn a_freeze_held_too_long_is_thawed_and_no_boot_point_is_taken() {
     run("umount", &[src.dir.to_str().unwrap()]);
     let next = f.json(&["sync", src.dev.arg(), &url]);
     assert!(same_content(&src.dev.backing, &image), "{next}");
+}
+
+#[test]
+fn a_signal_during_the_freeze_thaws_before_ferry_exits() {
+    if !privileged("a_signal_during_the_freeze_thaws_before_ferry_exits") {
+        return;
+    }
+    let src = Mounted::new(32 * MIB);
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let image = dir.join("web.img");
+    let url = format!("file://{}", image.display());
+    set_marker(&src, "before");
+    f.json(&["sync", src.dev.arg(), &url]);
+    set_marker(&src, "after");
+    // The hook holds the freeze long after the signal; only ferry's signal
+    // thread can end it in time.
+    let mut syncing = f
+        .command(&[
+            "sync",
+            src.dev.arg(),
+            &url,
+            "--boot-point",
+            "--max-freeze",
+            "600s",
+        ])
+        .env("FERRY_TEST_HOLD_FREEZE_MS", "600000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    let stderr = BufReader::new(syncing.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match lines.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.contains("holding the freeze") => break,
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = syncing.kill();
+                panic!("the freeze never started: {seen:?}");
+            }
+        }
+    }
+    run("kill", &["-TERM", &syncing.id().to_string()]);
+    let status = syncing.wait().unwrap();
+    let rest: Vec<String> = lines.iter().collect();
+    assert_eq!(status.code(), Some(143), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("interrupted by signal 15")),
+        "{rest:?}"
+    );
+    // Thawed: unfreezing a filesystem that is not frozen fails, and writes
+    // go through.
+    let unfreeze = Command::new("fsfreeze")
+        .arg("-u")
+        .arg(&src.dir)
+        .output()
+        .unwrap();
+    assert!(
+        !unfreeze.status.success(),
+        "ferry exited and left the filesystem frozen"
+    );
+    set_marker(&src, "later");
+    // Nothing the interrupted job took from the tracker is lost.
+    run("umount", &[src.dir.to_str().unwrap()]);
+    f.json(&["sync", src.dev.arg(), &url]);
+    assert!(same_content(&src.dev.backing, &image));
+    assert_eq!(marker(&image), "later");
 }

@@ -178,6 +178,13 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
+        // A failed test may have left it frozen, and a frozen filesystem
+        // cannot be unmounted; thawing one that is not frozen just fails.
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.dir)
+            .stderr(std::process::Stdio::null())
+            .status();
         // A test may have unmounted it already.
         let _ = Command::new("umount")
             .arg(&self.dir)

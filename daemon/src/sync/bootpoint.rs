@@ -43,6 +43,24 @@ use crate::{
     sys::freeze,
 };
 
+/// Environment variable of the freeze test hook: milliseconds to wait with
+/// the filesystems frozen, so a test can signal ferry mid-freeze. Only tests
+/// set it.
+pub const HOLD_FREEZE_ENV: &str = "FERRY_TEST_HOLD_FREEZE_MS";
+
+/// The freeze test hook ([`HOLD_FREEZE_ENV`]): says that the filesystems
+/// are frozen, then waits.
+fn hold_freeze_for_tests() {
+    let Some(ms) = std::env::var(HOLD_FREEZE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    eprintln!("ferry: test hook: holding the freeze for {ms} ms");
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
 /// How to take the boot point.
 #[derive(Clone, Debug)]
 pub struct BootPointOptions {
@@ -188,6 +206,9 @@ pub(crate) fn converge(
                 froze = Err(format!("cannot freeze {}: {e}", m.display()));
                 break;
             }
+        }
+        if froze.is_ok() {
+            hold_freeze_for_tests();
         }
         let outcome = match froze {
             Err(why) => Outcome::FreezeFailed(why),
