@@ -8,6 +8,7 @@
 //! web-000001.avhdx      differencing, parent web.vhdx
 //! web-000002.avhdx      differencing, parent web-000001.avhdx   <- top
 //! web.vhdx.chain.json   which file is the top, which holds each boot point
+//! web.hyperv.ps1        defines the Hyper-V VM (see [`hyperv`]); written once
 //! ```
 //!
 //! Writes go to the top only; reads resolve through the chain (payload BAT
@@ -83,6 +84,7 @@
 
 mod chain;
 pub mod format;
+pub mod hyperv;
 mod image;
 pub mod reader;
 #[cfg(test)]
@@ -192,7 +194,23 @@ impl Vhdx {
         v.finish_deletes()?;
         v.tidy()?;
         v.load_chain()?;
+        v.write_vm_script()?;
         Ok(v)
+    }
+
+    /// Writes the Hyper-V VM definition ([`hyperv`]) unless it is there:
+    /// it never needs rewriting, and an admin may have edited it.
+    fn write_vm_script(&self) -> Result<(), ImageError> {
+        let script = hyperv::script_name(&self.stem);
+        if self.dir.exists(&script) {
+            return Ok(());
+        }
+        self.dir
+            .write_atomic(
+                &script,
+                hyperv::script_text(&self.name, &self.json, &self.stem).as_bytes(),
+            )
+            .map_err(ImageError::io(&script, "write"))
     }
 
     /// The files of the image, the base first.

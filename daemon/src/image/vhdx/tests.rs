@@ -885,3 +885,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_hyperv_script_is_written_once_and_never_overwritten() {
+    let tmp = TempDir::new("vhdx-script");
+    let v = Vhdx::create(&tmp.dir(), "web.vhdx", 4 * MIB).unwrap();
+    drop(v);
+    let script = tmp.path("web.hyperv.ps1");
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert!(text.contains("'web.vhdx.chain.json'"), "{text}");
+    // An admin's edit survives every later open.
+    std::fs::write(&script, "# mine\n").unwrap();
+    drop(Vhdx::open(&tmp.dir(), "web.vhdx").unwrap());
+    assert_eq!(std::fs::read_to_string(&script).unwrap(), "# mine\n");
+    // A missing one (an image from before, or removed) is written again.
+    std::fs::remove_file(&script).unwrap();
+    drop(Vhdx::open(&tmp.dir(), "web.vhdx").unwrap());
+    assert!(std::fs::read_to_string(&script).unwrap().contains("New-VM"));
+}
