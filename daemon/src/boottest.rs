@@ -28,10 +28,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    image::{self, BootFile, Dir, ImageError},
+    image::{self, BootFile, Dir, ImageError, Standby},
     sys::fs as sysfs,
     transport::{Endpoint, TargetUrl},
 };
@@ -83,7 +83,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> BootTestError {
 }
 
 /// How the disk is attached to the guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Bus {
     /// virtio-blk: needs virtio drivers in the guest (Linux has them).
     Virtio,
@@ -108,6 +109,7 @@ impl FromStr for Bus {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BootTestOptions {
     /// The boot point to boot; `None` boots the working image.
     pub point: Option<String>,
@@ -138,7 +140,7 @@ impl BootTestOptions {
 }
 
 /// How the watch ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
     /// The console showed the text (qemu was stopped then).
@@ -150,13 +152,13 @@ pub enum Outcome {
     TimedOut,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BootTestReport {
     pub passed: bool,
     pub outcome: Outcome,
     /// The file qemu booted, relative to the image's directory.
     pub file: String,
-    pub format: &'static str,
+    pub format: String,
     /// The internal snapshot copied out to boot, if any.
     pub snapshot: Option<String>,
     pub expect: String,
@@ -168,7 +170,8 @@ pub struct BootTestReport {
 
 /// Boots `target`'s working image or `opts.point` and watches the console
 /// for `opts.expect`. A guest that does not show it is a report with
-/// `passed: false`; an error means the test could not be run.
+/// `passed: false`; an error means the test could not be run. A remote
+/// target's test runs in its agent ([`crate::sync::manage::task`]).
 pub fn boot_test(
     target: &TargetUrl,
     opts: &BootTestOptions,
@@ -190,15 +193,24 @@ pub fn boot_test(
         other => drop(other.map_err(io_err(format!("{}: open", target.image)))?),
     }
     let _lock = lock_session(&dir, &target.image)?;
-    let boot = image::open(target.format(), open_dir()?, &target.image)?
-        .boot_file(opts.point.as_deref())?;
+    let standby = image::open(target.format(), open_dir()?, &target.image)?;
+    boot_standby(&target.root, standby.as_ref(), opts)
+}
 
+/// Boots `standby`, whose files are in the directory `dir`, as
+/// [`boot_test`] does. The caller holds the image's session lock.
+pub fn boot_standby(
+    dir: &Path,
+    standby: &dyn Standby,
+    opts: &BootTestOptions,
+) -> Result<BootTestReport, BootTestError> {
+    let boot = standby.boot_file(opts.point.as_deref())?;
     let scratch = Scratch::new()?;
     let (drive, format) = match &boot.snapshot {
-        None => (target.root.join(&boot.path), boot.format),
+        None => (dir.join(&boot.path), boot.format),
         Some(snapshot) => {
             let raw = scratch.0.join("boot-point.raw");
-            copy_out_snapshot(&opts.qemu_img, &target.root, &boot, snapshot, &raw)?;
+            copy_out_snapshot(&opts.qemu_img, dir, &boot, snapshot, &raw)?;
             (raw, "raw")
         }
     };
@@ -208,7 +220,7 @@ pub fn boot_test(
         passed: outcome == Outcome::Seen,
         outcome,
         file: boot.path,
-        format: boot.format,
+        format: boot.format.to_owned(),
         snapshot: boot.snapshot,
         expect: opts.expect.clone(),
         seconds: started.elapsed().as_secs_f64(),

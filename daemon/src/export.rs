@@ -19,7 +19,7 @@ use std::{
 
 use crate::{
     boottest::{first_line, lock_session, BootTestError, Scratch},
-    image::{self, vhdx, Dir, Format, ImageError},
+    image::{self, vhdx, Dir, Format, ImageError, Standby},
     transport::{Endpoint, TargetUrl},
 };
 
@@ -46,6 +46,7 @@ pub enum ExportError {
 }
 
 /// Writes boot point `point` of `target` to `out`; returns the format written.
+/// A remote target's export runs in its agent ([`crate::sync::manage::task`]).
 pub fn export(
     target: &TargetUrl,
     point: &str,
@@ -57,48 +58,83 @@ pub fn export(
             path: target.root.join(&target.image).display().to_string(),
         });
     }
-    let out_format = match out.extension().and_then(|e| e.to_str()) {
-        Some("raw" | "img") => "raw",
-        Some("qcow2") => "qcow2",
-        Some("vmdk") => "vmdk",
-        Some("vhdx") => "vhdx",
-        _ => {
-            return Err(ExportError::OutputFormat {
-                path: out.to_owned(),
-            })
-        }
-    };
-    if out.exists() {
-        return Err(ExportError::Exists {
-            path: out.to_owned(),
-        });
-    }
     let io = |what: String| move |source| ExportError::Io { what, source };
     let open_dir =
         || Dir::open(&target.root).map_err(io(format!("{}: open", target.root.display())));
     let dir = open_dir()?;
     let _lock = lock_session(&dir, &target.image)?;
-    let format = target.format();
+    let standby = image::open(target.format(), open_dir()?, &target.image)?;
+    export_standby(
+        &LockedImage {
+            path: &target.root,
+            dir: &dir,
+            name: &target.image,
+            format: target.format(),
+            standby: standby.as_ref(),
+        },
+        point,
+        out,
+        qemu_img,
+    )
+}
+
+/// An image whose session lock the caller holds.
+pub struct LockedImage<'a> {
+    /// The image's directory, as qemu-img names it.
+    pub path: &'a Path,
+    /// The same directory, open.
+    pub dir: &'a Dir,
+    /// The image's file name in it.
+    pub name: &'a str,
+    pub format: Format,
+    pub standby: &'a dyn Standby,
+}
+
+/// The output format `out`'s extension asks for.
+pub fn output_format(out: &Path) -> Result<&'static str, ExportError> {
+    match out.extension().and_then(|e| e.to_str()) {
+        Some("raw" | "img") => Ok("raw"),
+        Some("qcow2") => Ok("qcow2"),
+        Some("vmdk") => Ok("vmdk"),
+        Some("vhdx") => Ok("vhdx"),
+        _ => Err(ExportError::OutputFormat {
+            path: out.to_owned(),
+        }),
+    }
+}
+
+/// Writes boot point `point` of `image` to `out`, as [`export`] does.
+pub fn export_standby(
+    image: &LockedImage,
+    point: &str,
+    out: &Path,
+    qemu_img: &Path,
+) -> Result<&'static str, ExportError> {
+    let out_format = output_format(out)?;
+    if out.exists() {
+        return Err(ExportError::Exists {
+            path: out.to_owned(),
+        });
+    }
     let scratch = Scratch::new()?;
-    let (input, input_format, snapshot) =
-        match image::open(format, open_dir()?, &target.image)?.boot_file(Some(point)) {
-            Ok(boot) => (target.root.join(&boot.path), boot.format, boot.snapshot),
-            // qemu cannot read an AVHDX chain: flatten it with our reader.
-            Err(ImageError::Unsupported { .. }) if format == Format::Vhdx => {
-                let chain = vhdx::Vhdx::open(&dir, &target.image)?;
-                let file = chain
-                    .boot_point_file(point)
-                    .ok_or_else(|| ImageError::NoSuchBootPoint {
-                        name: point.to_owned(),
-                    })?
-                    .to_owned();
-                let reader = vhdx::reader::ChainReader::open(&dir, &file)?;
-                let raw = scratch.0.join("boot-point.raw");
-                flatten(&reader, &raw)?;
-                (raw, "raw", None)
-            }
-            Err(e) => return Err(e.into()),
-        };
+    let (input, input_format, snapshot) = match image.standby.boot_file(Some(point)) {
+        Ok(boot) => (image.path.join(&boot.path), boot.format, boot.snapshot),
+        // qemu cannot read an AVHDX chain: flatten it with our reader.
+        Err(ImageError::Unsupported { .. }) if image.format == Format::Vhdx => {
+            let chain = vhdx::Vhdx::open(image.dir, image.name)?;
+            let file = chain
+                .boot_point_file(point)
+                .ok_or_else(|| ImageError::NoSuchBootPoint {
+                    name: point.to_owned(),
+                })?
+                .to_owned();
+            let reader = vhdx::reader::ChainReader::open(image.dir, &file)?;
+            let raw = scratch.0.join("boot-point.raw");
+            flatten(&reader, &raw)?;
+            (raw, "raw", None)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut cmd = Command::new(qemu_img);
     cmd.args(["convert", "-f", input_format]);
     if let Some(s) = &snapshot {
@@ -113,7 +149,10 @@ pub fn export(
         .arg(out)
         .stdin(Stdio::null())
         .output()
-        .map_err(io(format!("run {}", qemu_img.display())))?;
+        .map_err(|source| ExportError::Io {
+            what: format!("run {}", qemu_img.display()),
+            source,
+        })?;
     if !done.status.success() {
         let _ = std::fs::remove_file(out);
         return Err(ExportError::Convert {

@@ -10,7 +10,10 @@ use std::{
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ferry::{
-    agent,
+    agent::{
+        self,
+        task::{ExportReport, Task},
+    },
     dirty::store::{Store, DEFAULT_STATE_DIR},
     human,
     pipeline::PipelineConfig,
@@ -21,7 +24,7 @@ use ferry::{
         linux::{LinuxTracker, DEFAULT_BPF_DIR},
         ChunkSize, Tracker,
     },
-    transport::{ConnectOptions, Password, Secret, SshOptions, TargetUrl},
+    transport::{ConnectOptions, Endpoint, Password, Secret, SshOptions, TargetUrl},
 };
 
 /// ferry keeps standby copies of a server's disks current by shipping only the
@@ -85,7 +88,8 @@ enum Command {
     /// Boot the standby image, or its boot point NAME, under qemu and watch
     /// the serial console for a text the guest prints once it is up.
     ///
-    /// qemu runs with TCG (no KVM needed) and -snapshot, so nothing is
+    /// qemu runs where the image is (for an ssh:// target, on the target
+    /// host), with TCG (no KVM needed) and -snapshot, so nothing is
     /// written; the image's lock is held meanwhile, so a sync waits its
     /// turn. Prints pass or fail and the console's last lines. Exit status
     /// 0 pass, 1 fail, 2 error. The guest must print to the first serial
@@ -94,6 +98,7 @@ enum Command {
     /// Examples:
     ///   ferry boot-test file:///var/lib/standby/web.img
     ///   ferry boot-test file:///var/lib/standby/web.vmdk V20261121_215422 --expect 'web login:'
+    ///   ferry boot-test ssh://root@kvm1/var/lib/standby/web.qcow2
     #[command(verbatim_doc_comment)]
     BootTest(BootTestArgs),
     /// Serve one sync session on stdin/stdout (ferry runs this on the target
@@ -111,6 +116,7 @@ enum BootPointsCommand {
     /// Boot points of TARGET, oldest first: name, time, kind (crash- or
     /// app-consistent), source generation and disk size.
     List {
+        /// The standby image, as given to `ferry sync`.
         target: TargetUrl,
         #[command(flatten)]
         ssh: SshArgs,
@@ -121,25 +127,41 @@ enum BootPointsCommand {
     /// Make the working image equal boot point NAME (which stays). The next
     /// sync runs a checksum resync. Refused while a sync holds the image.
     Revert {
+        /// The standby image, as given to `ferry sync`.
         target: TargetUrl,
+        /// The boot point (`ferry boot-points list` shows the names).
         name: String,
         #[command(flatten)]
         ssh: SshArgs,
     },
     /// Write boot point NAME as a standalone image OUT, whose extension
-    /// picks the format: .raw/.img, .qcow2, .vmdk or .vhdx (needs qemu-img;
-    /// runs beside the image, so TARGET is file://).
+    /// picks the format: .raw/.img, .qcow2, .vmdk or .vhdx. qemu-img
+    /// converts it where the image is: for an ssh:// TARGET, on the target
+    /// host, and OUT is a file name written there beside the image.
+    ///
+    /// Examples:
+    ///   ferry boot-points export file:///var/lib/standby/web.qcow2 V20261121_215422 /srv/web-monday.qcow2
+    ///   ferry boot-points export ssh://root@kvm1/var/lib/standby/web.vhdx V20261121_215422 web-monday.vhdx
+    #[command(verbatim_doc_comment)]
     Export {
+        /// The standby image, as given to `ferry sync`.
         target: TargetUrl,
+        /// The boot point (`ferry boot-points list` shows the names).
         name: String,
+        /// The image to write: a path here for file://, a file name beside
+        /// the image for ssh://. It must not exist.
         out: PathBuf,
-        /// The qemu-img to convert with.
+        /// The qemu-img to convert with (on the target host for ssh://).
         #[arg(long, value_name = "PATH", default_value = "qemu-img")]
         qemu_img: PathBuf,
+        #[command(flatten)]
+        ssh: SshArgs,
     },
     /// Delete boot point NAME; the others keep their content.
     Delete {
+        /// The standby image, as given to `ferry sync`.
         target: TargetUrl,
+        /// The boot point (`ferry boot-points list` shows the names).
         name: String,
         #[command(flatten)]
         ssh: SshArgs,
@@ -252,7 +274,7 @@ struct VerifyArgs {
 
 #[derive(Args)]
 struct BootTestArgs {
-    /// The standby image, as a file:// target on this host.
+    /// The standby image, as given to `ferry sync`.
     target: TargetUrl,
     /// The boot point to boot (default: the working image).
     name: Option<String>,
@@ -273,6 +295,8 @@ struct BootTestArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 512)]
     memory: u32,
+    #[command(flatten)]
+    ssh: SshArgs,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -721,15 +745,8 @@ fn boot_points_command(cmd: &BootPointsCommand) -> anyhow::Result<ExitCode> {
             name,
             out,
             qemu_img,
-        } => {
-            let format = ferry::export::export(target, name, out, qemu_img)?;
-            writeln!(
-                std::io::stdout(),
-                "wrote boot point {name} of {target} to {} ({format})",
-                out.display()
-            )?;
-            return Ok(ExitCode::SUCCESS);
-        }
+            ssh,
+        } => return export_command(target, name, out, qemu_img, ssh),
         BootPointsCommand::List { target, ssh, json } => (target, ssh, ManageOp::List, "", *json),
         BootPointsCommand::Revert { target, name, ssh } => {
             (target, ssh, ManageOp::Revert, name.as_str(), false)
@@ -783,6 +800,44 @@ fn boot_points_command(cmd: &BootPointsCommand) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export_command(
+    target: &TargetUrl,
+    name: &str,
+    out: &Path,
+    qemu_img: &Path,
+    ssh: &SshArgs,
+) -> anyhow::Result<ExitCode> {
+    let (path, format) = match &target.endpoint {
+        Endpoint::Local => {
+            let format = ferry::export::export(target, name, out, qemu_img)?;
+            (out.display().to_string(), format.to_owned())
+        }
+        Endpoint::Ssh { host, .. } => {
+            let file = out.to_str().filter(|o| !o.contains('/')).with_context(|| {
+                format!(
+                    "{}: for an ssh:// target OUT is a file name: the export is written on \
+                         {host}, beside the image",
+                    out.display()
+                )
+            })?;
+            ferry::export::output_format(out)?;
+            let task = Task::Export {
+                point: name.to_owned(),
+                out: file.to_owned(),
+                qemu_img: qemu_img.to_owned(),
+            };
+            let r: ExportReport =
+                sync::manage::task(target, &ssh.options()?, &task, "an export report")?;
+            (format!("{host}:{}", r.path.display()), r.format)
+        }
+    };
+    writeln!(
+        std::io::stdout(),
+        "wrote boot point {name} of {target} to {path} ({format})"
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -843,8 +898,17 @@ fn boot_test_command(args: &BootTestArgs) -> anyhow::Result<ExitCode> {
         Some(name) => format!("boot point {name} of {}", args.target),
         None => args.target.to_string(),
     };
-    let r =
-        boottest::boot_test(&args.target, &opts).with_context(|| format!("boot-test of {what}"))?;
+    let r = match args.target.endpoint {
+        Endpoint::Local => boottest::boot_test(&args.target, &opts).map_err(anyhow::Error::from),
+        Endpoint::Ssh { .. } => sync::manage::task(
+            &args.target,
+            &args.ssh.options()?,
+            &Task::BootTest(opts),
+            "a boot test report",
+        )
+        .map_err(anyhow::Error::from),
+    }
+    .with_context(|| format!("boot-test of {what}"))?;
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer(&mut out, &r)?;

@@ -42,6 +42,10 @@
 //!         S->>A: HashRequest {offset, len, block}
 //!         A->>S: HashReply {offset, block, hashes}
 //!     end
+//!     opt boot point session (Hello.manage: no data)
+//!         S->>A: Manage {op, name} or Task {json}
+//!         A->>S: Managed {json}
+//!     end
 //!     loop each round
 //!         S->>A: Data {offset, raw_len, codec, data_hash, payload}
 //!         S->>A: Zero {offset, len}
@@ -78,7 +82,7 @@ use xxhash_rust::xxh3::Xxh3;
 /// `"FRRY"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest payload of one frame; anything larger is malformed.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Size of the frame header.
@@ -106,6 +110,7 @@ pub enum Kind {
     Error = 9,
     Manage = 10,
     Managed = 11,
+    Task = 12,
 }
 
 impl TryFrom<u16> for Kind {
@@ -124,6 +129,7 @@ impl TryFrom<u16> for Kind {
             9 => Self::Error,
             10 => Self::Manage,
             11 => Self::Managed,
+            12 => Self::Task,
             _ => return Err(v),
         })
     }
@@ -164,6 +170,10 @@ pub enum ErrorCode {
     Busy = 9,
     Internal = 10,
     NoSuchBootPoint = 11,
+    /// A file the request would create is already there.
+    Exists = 12,
+    /// A program the agent ran for a task (qemu, qemu-img) failed.
+    Tool = 13,
 }
 
 impl TryFrom<u16> for ErrorCode {
@@ -182,6 +192,8 @@ impl TryFrom<u16> for ErrorCode {
             9 => Self::Busy,
             10 => Self::Internal,
             11 => Self::NoSuchBootPoint,
+            12 => Self::Exists,
+            13 => Self::Tool,
             _ => return Err(v),
         })
     }
@@ -201,6 +213,8 @@ impl std::fmt::Display for ErrorCode {
             Self::Busy => "image busy",
             Self::Internal => "internal error",
             Self::NoSuchBootPoint => "no such boot point",
+            Self::Exists => "already exists",
+            Self::Tool => "a program on the target failed",
         })
     }
 }
@@ -328,8 +342,13 @@ pub enum Message {
     },
     Manage(Manage),
     /// The agent's answer to `Manage`: the boot points afterwards, as JSON
-    /// (`agent::BootPointList`).
+    /// (`agent::BootPointList`); and to `Task`: the task's report, as JSON.
     Managed {
+        json: String,
+    },
+    /// Work the agent does on the target host, beside the image, in a boot
+    /// point session: an `agent::Task` as JSON (a boot test, an export).
+    Task {
         json: String,
     },
 }
@@ -348,6 +367,7 @@ impl Message {
             Self::Error { .. } => Kind::Error,
             Self::Manage(_) => Kind::Manage,
             Self::Managed { .. } => Kind::Managed,
+            Self::Task { .. } => Kind::Task,
         }
     }
 }
@@ -630,7 +650,7 @@ fn encode_payload(msg: &Message, b: &mut Vec<u8>) {
             b.extend_from_slice(&m.max_boot_points.to_le_bytes());
             b.extend_from_slice(m.name.as_bytes());
         }
-        Message::Managed { json } => b.extend_from_slice(json.as_bytes()),
+        Message::Managed { json } | Message::Task { json } => b.extend_from_slice(json.as_bytes()),
     }
 }
 
@@ -825,6 +845,7 @@ fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, ProtocolError> 
             })
         }
         Kind::Managed => Message::Managed { json: f.string()? },
+        Kind::Task => Message::Task { json: f.string()? },
     };
     f.end()?;
     Ok(msg)
@@ -875,7 +896,7 @@ mod tests {
     }
 
     fn code() -> impl Strategy<Value = ErrorCode> {
-        (1u16..=10).prop_map(|c| ErrorCode::try_from(c).unwrap())
+        (1u16..=13).prop_map(|c| ErrorCode::try_from(c).unwrap())
     }
 
     fn data() -> impl Strategy<Value = Data> {
@@ -968,6 +989,8 @@ mod tests {
                     hashes
                 }),
             (code(), ".{0,60}").prop_map(|(code, message)| Message::Error { code, message }),
+            ".{0,60}".prop_map(|json| Message::Managed { json }),
+            ".{0,60}".prop_map(|json| Message::Task { json }),
         ]
     }
 

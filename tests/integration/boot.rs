@@ -9,6 +9,7 @@ use std::{process::Output, time::Duration};
 
 use crate::{
     bootdisk::{assets, Assets, BootDisk},
+    sshd::Sshd,
     util::{privileged, Ferry, TempDir},
 };
 
@@ -63,24 +64,39 @@ impl Rig {
     }
 
     fn boot_test(&self, point: Option<&str>, expect: &str) -> Output {
-        let mut args = vec!["boot-test", &self.url];
+        self.boot_test_at(&self.url, &[], point, expect)
+    }
+
+    /// `ferry boot-test URL [POINT] --expect EXPECT EXTRA...`.
+    fn boot_test_at(
+        &self,
+        url: &str,
+        extra: &[String],
+        point: Option<&str>,
+        expect: &str,
+    ) -> Output {
+        let mut args = vec!["boot-test", url];
         args.extend(point);
         args.extend(["--expect", expect, "--timeout", BOOT_TIMEOUT]);
+        args.extend(extra.iter().map(String::as_str));
         self.f.output(&args)
     }
 
-    /// `ferry boot-test` passes: exit 0 and a `pass:` line.
     fn boots(&self, point: Option<&str>, expect: &str) {
-        let out = self.boot_test(point, expect);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.code() == Some(0) && stdout.starts_with("pass: "),
-            "boot-test {point:?} --expect {expect} should pass ({}):\n{stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("{}", stdout.lines().next().unwrap_or_default());
+        passed(&self.boot_test(point, expect), point, expect);
     }
+}
+
+/// `ferry boot-test` passed: exit 0 and a `pass:` line.
+fn passed(out: &Output, point: Option<&str>, expect: &str) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.code() == Some(0) && stdout.starts_with("pass: "),
+        "boot-test {point:?} --expect {expect} should pass ({}):\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{}", stdout.lines().next().unwrap_or_default());
 }
 
 /// Raw: the working image shows the new marker, the first boot point the
@@ -140,6 +156,23 @@ fn boot_test_qcow2_working_image_and_boot_point() {
     rig.sync_boot_point();
     rig.boots(None, "FERRY-MARKER:new");
     rig.boots(Some(&first), "FERRY-MARKER:old");
+
+    // Over SSH the agent boots it on the target host: the boot point is
+    // copied out there and booted, and errors still come back as one line.
+    let sshd = Sshd::start();
+    let url = sshd.url(&rig.dir.join("web.qcow2"));
+    let ssh = sshd.args();
+    let out = rig.boot_test_at(&url, &ssh, Some(&first), "FERRY-MARKER:old");
+    passed(&out, Some(&first), "FERRY-MARKER:old");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("snapshot V"),
+        "{out:?}"
+    );
+    let out = rig.boot_test_at(&url, &ssh, Some("V19990101_000000"), "FERRY-MARKER:old");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no boot point named"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
 /// VMDK: qemu follows the delta chain from `web.vmdk`, and from a boot

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use crate::sshd::Sshd;
 use crate::util::{privileged, run, same_content, write_random, Ferry, LoopDev, Mounted, TempDir};
 
 const MIB: u64 = 1 << 20;
@@ -426,6 +427,40 @@ fn qcow2_vmdk_and_vhdx_standbys_with_boot_points() {
             dir.join("v1-export.raw").to_str().unwrap(),
         ]);
         assert!(err.contains("never overwrites"), "{err}");
+        if format == "vhdx" {
+            // Over SSH the agent exports on the target host, beside the
+            // image (V1 is an AVHDX chain: ferry's reader flattens it).
+            let sshd = Sshd::start();
+            let remote = sshd.url(&image);
+            let export = |point: &str, out: &str| {
+                let mut args = vec!["boot-points", "export", &remote, point, out];
+                let ssh = sshd.args();
+                args.extend(ssh.iter().map(String::as_str));
+                f.output(&args)
+            };
+            let out = export(&v1, "v1-remote.qcow2");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{out:?}");
+            let written = dir.join("v1-remote.qcow2");
+            assert!(
+                stdout.contains(&format!("to 127.0.0.1:{}", written.display())),
+                "{stdout}"
+            );
+            assert!(qemu_same("qcow2", &written, &at_v1));
+            for (point, out, says) in [
+                (v1.as_str(), "v1-remote.qcow2", "never overwrites"),
+                (v1.as_str(), "../v1.qcow2", "OUT is a file name"),
+                (v1.as_str(), "v1.txt", "must end in"),
+                ("V19990101_000000", "none.raw", "no boot point named"),
+            ] {
+                let err = export(point, out);
+                let stderr = String::from_utf8_lossy(&err.stderr);
+                assert_eq!(err.status.code(), Some(1), "{out}: {stderr}");
+                assert!(stderr.contains(says), "{out}: {stderr}");
+                assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+            }
+            assert!(!dir.join("none.raw").exists());
+        }
         // Retention at 2: the oldest goes, the newest keeps its content.
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let s3 = f.json(&[

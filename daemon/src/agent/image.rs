@@ -11,7 +11,7 @@ use std::{
     fs::File,
     io,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
-    path::{Component, Path},
+    path::{Component, Path, PathBuf},
 };
 
 use super::{record, AgentError};
@@ -26,6 +26,9 @@ pub(super) struct Image {
     pub name: String,
     /// The directory holding the image and its commit record.
     dir: OwnedFd,
+    /// The same directory as a path, for programs that take paths (qemu,
+    /// qemu-img). It was resolved beneath the root when `dir` was opened.
+    pub dir_path: PathBuf,
     /// The image's name within `dir`.
     file_name: String,
     pub file: File,
@@ -152,6 +155,7 @@ impl Image {
         Ok(Self {
             name: name.to_owned(),
             dir,
+            dir_path: parent.map_or_else(|| root.to_owned(), |p| root.join(p)),
             file_name: file_name.to_owned(),
             file,
             created,

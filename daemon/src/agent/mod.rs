@@ -21,6 +21,7 @@
 mod bootpoints;
 mod image;
 mod record;
+pub mod task;
 
 use std::{
     io::{self, Read, Write},
@@ -118,13 +119,7 @@ impl AgentError {
     /// The text for the source: the message and its cause on one line, since
     /// the source cannot see our error chain.
     fn wire_text(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(c) = cause {
-            text.push_str(": ");
-            text.push_str(&c.to_string());
-            cause = c.source();
-        }
+        let mut text = chain_text(self);
         if text.len() > MAX_ERROR_TEXT {
             let mut end = MAX_ERROR_TEXT;
             while !text.is_char_boundary(end) {
@@ -134,6 +129,18 @@ impl AgentError {
         }
         text
     }
+}
+
+/// An error and its causes on one line.
+fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// What a session did.
@@ -429,7 +436,12 @@ impl Session {
                 format!("{:?} in a read-only session", msg.kind()),
             ));
         }
-        if self.manage && !matches!(msg, Message::Manage(_) | Message::Error { .. }) {
+        if self.manage
+            && !matches!(
+                msg,
+                Message::Manage(_) | Message::Task { .. } | Message::Error { .. }
+            )
+        {
             return Err(AgentError::refused(
                 ErrorCode::Malformed,
                 format!("{:?} in a boot point session", msg.kind()),
@@ -484,6 +496,28 @@ impl Session {
                 Ok(Some(Message::Managed {
                     json: serde_json::to_string(&list).expect("lists always serialise"),
                 }))
+            }
+            Message::Task { json } => {
+                if !self.manage {
+                    return Err(AgentError::refused(
+                        ErrorCode::Malformed,
+                        "a Task outside a boot point session".to_owned(),
+                    ));
+                }
+                let task: task::Task = serde_json::from_str(&json).map_err(|e| {
+                    AgentError::refused(ErrorCode::Malformed, format!("unreadable task: {e}"))
+                })?;
+                let json = task::run(
+                    &task,
+                    &task::Beside {
+                        dir_path: &self.image.dir_path,
+                        dir: self.image.dir_handle()?,
+                        name: self.image.file_name(),
+                        format: self.format,
+                        standby: self.standby.as_ref(),
+                    },
+                )?;
+                Ok(Some(Message::Managed { json }))
             }
             Message::HashRequest { offset, len, block } => self.hash(offset, len, block).map(Some),
             Message::Commit { generation } => self.commit(generation).map(Some),

@@ -790,3 +790,54 @@ fn a_full_disk_is_reported_as_disk_full_with_the_offset() {
     assert_eq!(fs_.dir.record("disk.raw").generation, 0);
     assert!(fs::metadata(root.join("disk.raw")).unwrap().blocks() > 0);
 }
+
+#[test]
+fn tasks_run_only_in_boot_point_sessions_and_export_beside_the_image() {
+    let tmp = TempRoot::new("task");
+    let root = tmp.root();
+    let task = |json: String| Message::Task { json };
+    let export = |out: &str| {
+        task(
+            serde_json::to_string(&super::task::Task::Export {
+                point: "V20261122_000000".into(),
+                out: out.into(),
+                qemu_img: "qemu-img".into(),
+            })
+            .unwrap(),
+        )
+    };
+    // A writing session takes no tasks.
+    let msg = expect_error(
+        session(&root, &[hello("web.img", A, MIB), export("x.raw")]),
+        ErrorCode::Malformed,
+    );
+    assert!(msg.contains("boot point session"), "{msg}");
+    let manage = || match hello("web.img", [0; 16], 0) {
+        Message::Hello(h) => Message::Hello(Hello { manage: true, ..h }),
+        _ => unreachable!(),
+    };
+    // A boot point session writes an export only beside the image.
+    let msg = expect_error(
+        session(&root, &[manage(), export("../x.raw")]),
+        ErrorCode::PathEscape,
+    );
+    assert!(msg.contains("not a plain file name"), "{msg}");
+    let msg = expect_error(
+        session(&root, &[manage(), export("x.raw")]),
+        ErrorCode::NoSuchBootPoint,
+    );
+    assert!(msg.contains("V20261122_000000"), "{msg}");
+    let msg = expect_error(
+        session(
+            &root,
+            &[manage(), task("{\"task\":\"format-disk\"}".into())],
+        ),
+        ErrorCode::Malformed,
+    );
+    assert!(msg.contains("unreadable task"), "{msg}");
+    assert_eq!(
+        tmp.names(&root),
+        ["web.img", "web.img.ferry.json", "web.img.ferry.lock"]
+    );
+    assert!(tmp.names(&tmp.outside()).is_empty());
+}

@@ -196,11 +196,19 @@ impl Session {
 
     /// Waits for the answer to a boot point request.
     pub fn recv_managed(&mut self) -> Result<crate::agent::BootPointList, SyncError> {
+        self.recv_report("a boot point list")
+    }
+
+    /// Waits for a `Managed` answer holding `wanted` as JSON.
+    pub fn recv_report<T: serde::de::DeserializeOwned>(
+        &mut self,
+        wanted: &'static str,
+    ) -> Result<T, SyncError> {
         match self.recv()? {
             Message::Managed { json } => {
                 serde_json::from_str(&json).map_err(|_| SyncError::Unexpected {
                     peer: self.peer.clone(),
-                    wanted: "a boot point list",
+                    wanted,
                     got: "something else".into(),
                 })
             }
