@@ -174,6 +174,12 @@ struct SyncArgs {
     device: PathBuf,
     /// file:///DIR/IMAGE (this host) or ssh://USER@HOST[:PORT]/DIR/IMAGE.
     target: TargetUrl,
+    /// Another disk of the same server and its own target, synced in the
+    /// same job; repeat for more. With --boot-point every disk's boot point
+    /// is taken at one instant (one freeze across all of them) and has the
+    /// same name.
+    #[arg(long = "disk", value_name = "DEVICE=TARGET", value_parser = parse_disk)]
+    disks: Vec<(PathBuf, TargetUrl)>,
     /// Compare checksums of both sides and ship what differs, whatever the
     /// tracker says.
     #[arg(long)]
@@ -238,7 +244,9 @@ struct BootPointArgs {
     #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u16).range(1..=30))]
     max_boot_points: u16,
     /// Run before the freeze (quiesce the application); if it fails, no
-    /// boot point is taken, but the changes are still shipped.
+    /// boot point is taken, but the changes are still shipped. Scripts see
+    /// FERRY_PHASE (pre or post) and FERRY_DEVICE (MAJOR:MINOR of each
+    /// disk, space-separated).
     #[arg(long, value_name = "SCRIPT")]
     pre_snapshot: Option<PathBuf>,
     /// Run after the thaw.
@@ -400,6 +408,19 @@ fn parse_chunk(s: &str) -> Result<ChunkSize, String> {
 }
 
 /// `2s`, `500ms`, `1.5s`.
+/// `--disk DEVICE=TARGET` (split at the first `=`: a target's query may
+/// hold one).
+fn parse_disk(s: &str) -> Result<(PathBuf, TargetUrl), String> {
+    let (device, target) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not DEVICE=TARGET"))?;
+    if device.is_empty() {
+        return Err(format!("{s:?} names no device"));
+    }
+    let target = target.parse::<TargetUrl>().map_err(|e| e.to_string())?;
+    Ok((PathBuf::from(device), target))
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
     let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
@@ -628,17 +649,32 @@ fn sync_command(state_dir: &Path, bpf_dir: &Path, args: &SyncArgs) -> anyhow::Re
     if let Some(n) = args.compress_threads {
         pipeline.compress_threads = n.max(1);
     }
-    let boot_point = if args.boot.boot_point {
-        let format = args.target.format();
-        if usize::from(args.boot.max_boot_points) > format.max_boot_points() {
-            anyhow::bail!(
-                "--max-boot-points {}: {} images keep at most {}",
-                args.boot.max_boot_points,
-                format.name(),
-                format.max_boot_points()
-            );
+    let mut disks = vec![(args.device.clone(), args.target.clone())];
+    disks.extend(args.disks.iter().cloned());
+    for (i, (device, target)) in disks.iter().enumerate() {
+        for (other, other_target) in &disks[..i] {
+            if other == device {
+                anyhow::bail!("{} is given twice", device.display());
+            }
+            if other_target == target {
+                anyhow::bail!("{target} is given twice");
+            }
         }
-        let dev = ferry::device::BlockDevice::resolve(&args.device)?.dev;
+    }
+    let boot_point = if args.boot.boot_point {
+        let mut devs = Vec::new();
+        for (device, target) in &disks {
+            let format = target.format();
+            if usize::from(args.boot.max_boot_points) > format.max_boot_points() {
+                anyhow::bail!(
+                    "--max-boot-points {}: {} images keep at most {}",
+                    args.boot.max_boot_points,
+                    format.name(),
+                    format.max_boot_points()
+                );
+            }
+            devs.push(ferry::device::BlockDevice::resolve(device)?.dev);
+        }
         // A freeze must be thawed whatever ends the job.
         ferry::sys::freeze::guard_signals().context("cannot set up signal handling")?;
         Some(BootPointOptions {
@@ -649,92 +685,106 @@ fn sync_command(state_dir: &Path, bpf_dir: &Path, args: &SyncArgs) -> anyhow::Re
             max_freeze: args.boot.max_freeze,
             converge_bytes: args.boot.converge,
             max_rounds: args.boot.max_rounds.max(1),
-            dev,
+            devs,
         })
     } else {
         None
     };
-    let opts = SyncOptions {
-        boot_point,
-        device: args.device.clone(),
-        target: args.target.clone(),
-        state_dir: state_dir.to_owned(),
-        chunk: args.chunk_size,
-        resync: args.resync,
-        force_new_source: args.force_new_source,
-        connect,
-        pipeline,
-        bwlimit: args.bwlimit,
-        progress_bar: std::io::stderr().is_terminal() && !args.json,
-    };
-    let summary = sync::run(&opts, || {
+    let jobs: Vec<SyncOptions> = disks
+        .into_iter()
+        .map(|(device, target)| SyncOptions {
+            boot_point: boot_point.clone(),
+            device,
+            target,
+            state_dir: state_dir.to_owned(),
+            chunk: args.chunk_size,
+            resync: args.resync,
+            force_new_source: args.force_new_source,
+            connect: connect.clone(),
+            pipeline: pipeline.clone(),
+            bwlimit: args.bwlimit,
+            progress_bar: std::io::stderr().is_terminal() && !args.json,
+        })
+        .collect();
+    let summaries = sync::run_all(&jobs, || {
         let tracker = LinuxTracker::new(bpf_dir).map_err(TrackError::from)?;
         let store = Store::open(state_dir).map_err(SyncError::from)?;
         Ok(Tracking::new(tracker, store))
     })?;
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer(&mut out, &summary)?;
-        writeln!(out)?;
-    } else {
-        let s = &summary;
-        writeln!(
-            out,
-            "{} {} -> {}: changed {}, sent {}, zeros skipped {}, compression {:.2}x, {:.1} s, {}/s, \
-             resync {}",
-            match s.mode {
-                Mode::Seed => "seeded",
-                Mode::Incremental => "synced",
-                Mode::Resync => "resynced",
-            },
-            s.device.display(),
-            s.target,
-            human(s.changed_bytes),
-            human(s.sent_bytes),
-            human(s.zero_bytes),
-            s.compression_ratio,
-            s.duration_secs,
-            human(s.throughput_bytes_per_sec as u64),
-            match (&s.resync_reason, s.differing_bytes) {
-                (Some(r), Some(d)) => format!("yes ({r}; {} differed)", human(d)),
-                _ => "no".to_owned(),
-            },
-        )?;
-        if let Some(bp) = &s.boot_point {
-            let rounds: Vec<String> = bp.rounds.iter().map(|b| human(*b)).collect();
-            match &bp.name {
-                Some(name) => writeln!(
-                    out,
-                    "boot point {name} ({}), frozen {:.0} ms ({}), rounds: {}{}",
-                    bp.kind,
-                    bp.freeze_ms,
-                    if bp.frozen.is_empty() {
-                        "nothing mounted".to_owned()
-                    } else {
-                        bp.frozen
-                            .iter()
-                            .map(|p| p.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    },
-                    rounds.join(" + "),
-                    bp.merged
-                        .as_ref()
-                        .map(|m| format!("; merged {m} into the next one"))
-                        .unwrap_or_default(),
-                )?,
-                None => writeln!(
-                    out,
-                    "no boot point taken: {}",
-                    bp.note.as_deref().unwrap_or("unknown reason")
-                )?,
-            }
-            if let (Some(_), Some(note)) = (&bp.name, &bp.note) {
-                writeln!(out, "note: {note}")?;
-            }
+        // One disk: its summary; several: a list of them.
+        match summaries.as_slice() {
+            [one] => serde_json::to_writer(&mut out, one)?,
+            all => serde_json::to_writer(&mut out, all)?,
         }
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for s in &summaries {
+        print_summary(&mut out, s)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The text report of one disk of a job.
+fn print_summary(out: &mut impl Write, s: &sync::SyncSummary) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{} {} -> {}: changed {}, sent {}, zeros skipped {}, compression {:.2}x, {:.1} s, {}/s, \
+         resync {}",
+        match s.mode {
+            Mode::Seed => "seeded",
+            Mode::Incremental => "synced",
+            Mode::Resync => "resynced",
+        },
+        s.device.display(),
+        s.target,
+        human(s.changed_bytes),
+        human(s.sent_bytes),
+        human(s.zero_bytes),
+        s.compression_ratio,
+        s.duration_secs,
+        human(s.throughput_bytes_per_sec as u64),
+        match (&s.resync_reason, s.differing_bytes) {
+            (Some(r), Some(d)) => format!("yes ({r}; {} differed)", human(d)),
+            _ => "no".to_owned(),
+        },
+    )?;
+    if let Some(bp) = &s.boot_point {
+        let rounds: Vec<String> = bp.rounds.iter().map(|b| human(*b)).collect();
+        match &bp.name {
+            Some(name) => writeln!(
+                out,
+                "boot point {name} ({}), frozen {:.0} ms ({}), rounds: {}{}",
+                bp.kind,
+                bp.freeze_ms,
+                if bp.frozen.is_empty() {
+                    "nothing mounted".to_owned()
+                } else {
+                    bp.frozen
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                rounds.join(" + "),
+                bp.merged
+                    .as_ref()
+                    .map(|m| format!("; merged {m} into the next one"))
+                    .unwrap_or_default(),
+            )?,
+            None => writeln!(
+                out,
+                "no boot point taken: {}",
+                bp.note.as_deref().unwrap_or("unknown reason")
+            )?,
+        }
+        if let (Some(_), Some(note)) = (&bp.name, &bp.note) {
+            writeln!(out, "note: {note}")?;
+        }
+    }
+    Ok(())
 }
 
 fn boot_points_command(cmd: &BootPointsCommand) -> anyhow::Result<ExitCode> {

@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc,
     time::Duration,
@@ -655,4 +655,100 @@ fn a_signal_during_the_freeze_thaws_before_ferry_exits() {
     f.json(&["sync", src.dev.arg(), &url]);
     assert!(same_content(&src.dev.backing, &image));
     assert_eq!(marker(&image), "later");
+}
+
+/// The content of `/NAME` in the ext4 image `image` (debugfs, no mount).
+fn file_in(image: &Path, name: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat /{name}")])
+        .arg(image)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Kills the writer on drop, so a failed test leaves no process behind.
+struct Writer(std::process::Child);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_boot_point_of_two_disks_is_one_instant_of_both() {
+    if !privileged("a_boot_point_of_two_disks_is_one_instant_of_both") {
+        return;
+    }
+    let (a, b) = (Mounted::new(32 * MIB), Mounted::new(32 * MIB));
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let (img_a, img_b) = (dir.join("web-a.img"), dir.join("web-b.img"));
+    let url_a = format!("file://{}", img_a.display());
+    let disk_b = format!("{}=file://{}", b.dev.arg(), img_b.display());
+    let both = |extra: &[&str]| {
+        let mut args = vec!["sync", a.dev.arg(), &url_a, "--disk", &disk_b];
+        args.extend(extra);
+        f.json(&args)
+    };
+    let seeded = both(&[]);
+    assert_eq!(seeded.as_array().map(Vec::len), Some(2), "{seeded}");
+    // A writer counts on disk A, then on disk B, each write made durable.
+    // At one instant of both, B holds A's number or the one before it;
+    // freezes of each disk at its own time would be far apart.
+    let script = format!(
+        "i=0; while :; do i=$((i+1)); echo $i > {a}/counter; sync {a}/counter; \
+         echo $i > {b}/counter; sync {b}/counter; done",
+        a = a.dir.display(),
+        b = b.dir.display()
+    );
+    let writer = Writer(Command::new("sh").args(["-c", &script]).spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    let s = both(&["--boot-point", "--max-freeze", "30s"]);
+    std::thread::sleep(Duration::from_millis(300));
+    drop(writer);
+    let (sa, sb) = (&s[0]["boot_point"], &s[1]["boot_point"]);
+    let name = sa["name"].as_str().unwrap_or_else(|| panic!("{s}"));
+    assert_eq!(sb["name"].as_str(), Some(name), "{s}");
+    for bp in [sa, sb] {
+        assert_eq!(bp["kind"], "app-consistent", "{s}");
+        let frozen = bp["frozen"].as_array().unwrap();
+        assert_eq!(frozen.len(), 2, "both filesystems frozen at once: {s}");
+    }
+    let at = |img: &Path| {
+        let text = file_in(
+            &PathBuf::from(format!("{}.{name}", img.display())),
+            "counter",
+        );
+        text.parse::<u64>()
+            .unwrap_or_else(|_| panic!("no counter in {}: {text:?}", img.display()))
+    };
+    let (ca, cb) = (at(&img_a), at(&img_b));
+    assert!(
+        ca == cb || ca == cb + 1,
+        "A counted {ca}, B {cb}: not one instant"
+    );
+    assert!(cb > 0);
+    // Both working images equal their sources once the writer is gone.
+    both(&[]);
+    run("umount", &[a.dir.to_str().unwrap()]);
+    run("umount", &[b.dir.to_str().unwrap()]);
+    both(&[]);
+    assert!(same_content(&a.dev.backing, &img_a));
+    assert!(same_content(&b.dev.backing, &img_b));
+    // A disk or a target given twice is refused before anything happens.
+    let err = f.fails(&[
+        "sync",
+        a.dev.arg(),
+        &url_a,
+        "--disk",
+        &format!("{}={url_a}", b.dev.arg()),
+    ]);
+    assert!(err.contains("given twice"), "{err}");
+    let twice = format!("{}=file://{}", a.dev.arg(), dir.join("other.img").display());
+    let err = f.fails(&["sync", a.dev.arg(), &url_a, "--disk", &twice]);
+    assert!(err.contains("given twice"), "{err}");
+    assert!(!dir.join("other.img").exists());
 }

@@ -12,6 +12,14 @@
 //! 4. ship them, commit, and ask the agent for a boot point of exactly that
 //!    commit.
 //!
+//! A job over several disks of one server (`--disk`) does each step for all
+//! of them: a round ships every disk's chunks and converges on their total;
+//! the freeze holds every filesystem on any of the disks at once, and every
+//! disk is drained and read inside it; the boot points, asked for once every
+//! disk has committed, share one name. So the disks' boot points are one
+//! instant of the whole server, even for a filesystem or application that
+//! spans disks.
+//!
 //! The freeze is held at most `--max-freeze`: a watchdog thaws at the
 //! deadline, and the job then ships what it read as one more round and
 //! tries again. Signals that end ferry thaw first ([`crate::sys::freeze`]).
@@ -76,8 +84,9 @@ pub struct BootPointOptions {
     pub converge_bytes: u64,
     /// Stop the rounds after this many, converged or not.
     pub max_rounds: u32,
-    /// The source device, for its mounted filesystems.
-    pub dev: DevNum,
+    /// The source devices (every disk of the job), for their mounted
+    /// filesystems.
+    pub devs: Vec<DevNum>,
 }
 
 /// What the boot point part of a job did (`--json`: `boot_point`).
@@ -102,52 +111,89 @@ pub struct BootPointSummary {
     pub note: Option<String>,
 }
 
-/// Where convergence left the job, before the commit.
+/// One disk of the job, as convergence drives it.
+pub(crate) struct Member<'a> {
+    pub source: &'a Source,
+    pub session: &'a mut Session,
+}
+
+/// Where convergence left the job, before the commits.
 pub(crate) struct Converged {
-    pub stats: PipelineStats,
+    /// What each disk read, in the order of the members.
+    pub stats: Vec<PipelineStats>,
+    /// Bytes each disk shipped per round after the first pass.
+    rounds: Vec<Vec<u64>>,
     take: bool,
+    /// What the disks share: kind, freeze, note.
     summary: BootPointSummary,
 }
 
 /// What happened while the filesystems were (to be) frozen.
 enum Outcome {
     FreezeFailed(String),
-    Read(Result<(RoaringBitmap, (Vec<crate::pipeline::Piece>, PipelineStats)), SyncError>),
+    Read(Result<Vec<Taken>, SyncError>),
 }
+
+/// One disk's chunks taken at the instant, and what reading them gave.
+type Taken = (RoaringBitmap, (Vec<crate::pipeline::Piece>, PipelineStats));
 
 /// Freeze attempts before giving up on an app-consistent boot point.
 const FREEZE_ATTEMPTS: u32 = 3;
 
+/// The job's disks and what convergence has done to them so far.
+struct Rounds<'m, 'a> {
+    members: &'m mut [Member<'a>],
+    stats: Vec<PipelineStats>,
+    rounds: Vec<Vec<u64>>,
+}
+
+impl Rounds<'_, '_> {
+    /// Ships `sets[i]` to disk `i`; returns the bytes of the round.
+    fn ship(&mut self, sets: &[RoaringBitmap], progress: &mut Progress) -> Result<u64, SyncError> {
+        let mut total = 0;
+        for (i, set) in sets.iter().enumerate() {
+            let m = &mut self.members[i];
+            let plan = m.source.plan(set);
+            let bytes = total_bytes(&plan);
+            progress.phase("converging", bytes);
+            self.stats[i].add(&m.source.ship(m.session, plan, progress)?);
+            self.rounds[i].push(bytes);
+            total += bytes;
+        }
+        Ok(total)
+    }
+
+    fn done(self, take: bool, summary: BootPointSummary) -> Converged {
+        Converged {
+            stats: self.stats,
+            rounds: self.rounds,
+            take,
+            summary,
+        }
+    }
+}
+
 /// Ships rounds until the rest is small, then ships the last chunks read at
-/// one instant. `take` drains the tracker and returns the chunks taken
-/// (already in the target's inflight set).
+/// one instant of every disk. `take(i)` drains the tracker and returns the
+/// chunks taken for disk `i` (already in its target's inflight set).
 pub(crate) fn converge(
     bp: &BootPointOptions,
-    source: &Source,
-    session: &mut Session,
-    take: &mut dyn FnMut() -> Result<RoaringBitmap, SyncError>,
+    members: &mut [Member],
+    take: &mut dyn FnMut(usize) -> Result<RoaringBitmap, SyncError>,
     progress: &mut Progress,
 ) -> Result<Converged, SyncError> {
-    let mut stats = PipelineStats::default();
-    let mut rounds = Vec::new();
-    let ship_round = |set: &RoaringBitmap,
-                      session: &mut Session,
-                      rounds: &mut Vec<u64>,
-                      stats: &mut PipelineStats,
-                      progress: &mut Progress|
-     -> Result<u64, SyncError> {
-        let plan = source.plan(set);
-        let bytes = total_bytes(&plan);
-        progress.phase("converging", bytes);
-        stats.add(&source.ship(session, plan, progress)?);
-        rounds.push(bytes);
-        Ok(bytes)
+    let n = members.len();
+    let mut take_all = || (0..n).map(&mut *take).collect::<Result<Vec<_>, _>>();
+    let mut job = Rounds {
+        members,
+        stats: vec![PipelineStats::default(); n],
+        rounds: vec![Vec::new(); n],
     };
     // 1. Rounds.
     loop {
-        let more = take()?;
-        let bytes = ship_round(&more, session, &mut rounds, &mut stats, progress)?;
-        if bytes <= bp.converge_bytes || rounds.len() as u32 >= bp.max_rounds {
+        let more = take_all()?;
+        let bytes = job.ship(&more, progress)?;
+        if bytes <= bp.converge_bytes || job.rounds[0].len() as u32 >= bp.max_rounds {
             break;
         }
     }
@@ -163,9 +209,8 @@ pub(crate) fn converge(
     // 2. Quiesce the application.
     if let Some(pre) = &bp.pre_snapshot {
         if let Err(why) = run_script(pre, "pre", bp) {
-            let more = take()?;
-            ship_round(&more, session, &mut rounds, &mut stats, progress)?;
-            summary.rounds = rounds;
+            let more = take_all()?;
+            job.ship(&more, progress)?;
             summary.note = Some(format!(
                 "pre-snapshot script failed ({why}): no boot point taken; the changes were still shipped"
             ));
@@ -173,24 +218,36 @@ pub(crate) fn converge(
                 "ferry: warning: {}",
                 summary.note.as_deref().unwrap_or("")
             ));
-            return Ok(Converged {
-                stats,
-                take: false,
-                summary,
-            });
+            return Ok(job.done(false, summary));
         }
     }
-    let mounts = freeze::mounts_of(bp.dev.major, bp.dev.minor).unwrap_or_default();
+    let mut mounts = Vec::new();
+    for dev in &bp.devs {
+        mounts.extend(freeze::mounts_of(dev.major, dev.minor).unwrap_or_default());
+    }
+    mounts.sort();
+    mounts.dedup();
+    let read_all = |job: &Rounds, more: Vec<RoaringBitmap>| {
+        more.into_iter()
+            .enumerate()
+            .map(|(i, set)| {
+                let source = job.members[i].source;
+                source.read_all(source.plan(&set)).map(|r| (set, r))
+            })
+            .collect::<Result<Vec<_>, SyncError>>()
+    };
     let mut attempt = 0;
     // 3. The instant.
-    let pieces = loop {
+    let read = loop {
         attempt += 1;
         if mounts.is_empty() {
-            summary.note = Some("no filesystem is mounted from the device".to_owned());
-            let more = take()?;
-            let (pieces, st) = source.read_all(source.plan(&more))?;
-            stats.add(&st);
-            break pieces;
+            summary.note = Some(if n == 1 {
+                "no filesystem is mounted from the device".to_owned()
+            } else {
+                "no filesystem is mounted from the devices".to_owned()
+            });
+            let more = take_all()?;
+            break read_all(&job, more)?;
         }
         let started = Instant::now();
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
@@ -212,9 +269,7 @@ pub(crate) fn converge(
         }
         let outcome = match froze {
             Err(why) => Outcome::FreezeFailed(why),
-            Ok(()) => Outcome::Read(
-                take().and_then(|more| source.read_all(source.plan(&more)).map(|r| (more, r))),
-            ),
+            Ok(()) => Outcome::Read(take_all().and_then(|more| read_all(&job, more))),
         };
         let held = started.elapsed();
         let still_frozen = freeze::any_frozen();
@@ -238,68 +293,61 @@ pub(crate) fn converge(
         match outcome {
             Outcome::FreezeFailed(why) => {
                 summary.note = Some(format!("{why}; the boot point is crash-consistent"));
-                let more = take()?;
-                let (pieces, st) = source.read_all(source.plan(&more))?;
-                stats.add(&st);
-                break pieces;
+                let more = take_all()?;
+                break read_all(&job, more)?;
             }
             Outcome::Read(Err(e)) => return Err(e),
-            Outcome::Read(Ok((more, (pieces, st)))) => {
+            Outcome::Read(Ok(read)) => {
                 if still_frozen && held <= bp.max_freeze {
-                    stats.add(&st);
                     summary.kind = "app-consistent";
                     summary.frozen = mounts.clone();
-                    break pieces;
+                    break read;
                 }
-                // Held too long: what was read goes as one more round.
-                drop(pieces);
-                ship_round(&more, session, &mut rounds, &mut stats, progress)?;
+                // Held too long: what was taken goes as one more round.
+                let more: Vec<RoaringBitmap> = read.into_iter().map(|(set, _)| set).collect();
+                job.ship(&more, progress)?;
                 if attempt >= FREEZE_ATTEMPTS {
-                    summary.rounds = rounds;
                     summary.note = Some(format!(
                         "the last chunks could not be read within --max-freeze {:?} in {attempt} \
                          tries: no boot point taken",
                         bp.max_freeze
                     ));
-                    return Ok(Converged {
-                        stats,
-                        take: false,
-                        summary,
-                    });
+                    return Ok(job.done(false, summary));
                 }
             }
         }
     };
-    let bytes: u64 = pieces.iter().map(|p| p.raw_len()).sum();
-    rounds.push(bytes);
-    for piece in pieces {
-        send_piece(session, piece)?;
+    for (i, (_, (pieces, st))) in read.into_iter().enumerate() {
+        job.stats[i].add(&st);
+        job.rounds[i].push(pieces.iter().map(|p| p.raw_len()).sum());
+        for piece in pieces {
+            send_piece(job.members[i].session, piece)?;
+        }
     }
-    summary.rounds = rounds;
-    Ok(Converged {
-        stats,
-        take: true,
-        summary,
-    })
+    Ok(job.done(true, summary))
 }
 
 impl Converged {
-    /// Bytes the rounds covered.
-    pub fn rounds_bytes(&self) -> u64 {
-        self.summary.rounds.iter().sum()
+    /// Bytes the rounds covered on disk `i`.
+    pub fn rounds_bytes(&self, i: usize) -> u64 {
+        self.rounds[i].iter().sum()
     }
 }
 
-/// After the commit: asks the agent for the boot point.
+/// After every disk's commit: asks each agent for the boot point, under one
+/// name. Returns each disk's summary.
 pub(crate) fn take(
     out: Converged,
     bp: &BootPointOptions,
-    session: &mut Session,
+    sessions: &mut [&mut Session],
     progress: &mut Progress,
-) -> Result<BootPointSummary, SyncError> {
-    let mut summary = out.summary;
+) -> Result<Vec<BootPointSummary>, SyncError> {
+    let summaries = out.rounds.into_iter().map(|rounds| BootPointSummary {
+        rounds,
+        ..out.summary.clone()
+    });
     if !out.take {
-        return Ok(summary);
+        return Ok(summaries.collect());
     }
     let name = boot_point_name(
         std::time::SystemTime::now()
@@ -307,16 +355,20 @@ pub(crate) fn take(
             .map_or(0, |d| d.as_secs()),
     );
     progress.phase("taking the boot point", 0);
-    session.send(&Message::Manage(Manage {
-        op: ManageOp::Create,
-        name: name.clone(),
-        app_consistent: summary.kind == "app-consistent",
-        max_boot_points: bp.max_boot_points,
-    }))?;
-    let list: BootPointList = session.recv_managed()?;
-    summary.merged = list.merged;
-    summary.name = Some(name);
-    Ok(summary)
+    let mut taken = Vec::new();
+    for (session, mut summary) in sessions.iter_mut().zip(summaries) {
+        session.send(&Message::Manage(Manage {
+            op: ManageOp::Create,
+            name: name.clone(),
+            app_consistent: summary.kind == "app-consistent",
+            max_boot_points: bp.max_boot_points,
+        }))?;
+        let list: BootPointList = session.recv_managed()?;
+        summary.merged = list.merged;
+        summary.name = Some(name.clone());
+        taken.push(summary);
+    }
+    Ok(taken)
 }
 
 /// Runs a pre- or post-snapshot script with a timeout; its output goes to
@@ -324,7 +376,14 @@ pub(crate) fn take(
 fn run_script(path: &PathBuf, phase: &str, bp: &BootPointOptions) -> Result<(), String> {
     let mut child = Command::new(path)
         .env("FERRY_PHASE", phase)
-        .env("FERRY_DEVICE", bp.dev.to_string())
+        .env(
+            "FERRY_DEVICE",
+            bp.devs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
         .stdin(Stdio::null())
         .stdout(std::io::stderr())
         .spawn()

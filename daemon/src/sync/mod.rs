@@ -12,7 +12,9 @@
 //! ```
 //!
 //! The state lock is held only around the short updates, so other ferry
-//! commands are not held up by a long transfer.
+//! commands are not held up by a long transfer. A job over several disks
+//! ([`run_all`]) runs these steps per disk, with one convergence and one
+//! instant for all of them when it ends with a boot point.
 //!
 //! Invariants:
 //! - **Clear only after acknowledgement.** The chunks a job ships sit in the
@@ -46,7 +48,7 @@ use crate::{
     dirty::{
         extents::{extents, total_bytes},
         store::{Store, StoreError},
-        targets::{target_id, Set, TargetRecord},
+        targets::{target_id, Set, TargetLock, TargetRecord},
     },
     pipeline::{self, Piece, Pipeline, PipelineConfig, PipelineError, PipelineStats},
     protocol::{self, ErrorCode, Hello, Message, ProtocolError},
@@ -186,279 +188,402 @@ fn now_secs() -> u64 {
 /// transfer.
 pub fn run<T: Tracker>(
     opts: &SyncOptions,
-    mut open: impl FnMut() -> Result<Tracking<T>, SyncError>,
+    open: impl FnMut() -> Result<Tracking<T>, SyncError>,
 ) -> Result<SyncSummary, SyncError> {
-    let started = Instant::now();
-    let url = opts.target.to_string();
+    let mut all = run_all(std::slice::from_ref(opts), open)?;
+    Ok(all.remove(0))
+}
 
-    // 1. Where things stand here. Nothing changes until the target has
-    //    accepted the session, so a refused job leaves no trace.
-    let device = BlockDevice::resolve(&opts.device).map_err(TrackError::from)?;
-    let dev = device.dev;
-    let id = target_id(dev, &url);
-    let (known, mut target) = {
-        let tracking = open()?;
-        let known = match tracking.record(&opts.device) {
-            Ok(rec) => Some(rec),
-            Err(TrackError::NotTracked { .. }) => None,
-            Err(e) => return Err(e.into()),
-        };
-        let target = tracking.store().target(&id)?;
-        (known, target)
+/// Runs one job over several disks of a server, each to its own target.
+/// Each disk is brought up to date as [`run`] describes, one after the
+/// other; with a boot point (the first disk's `boot_point` options), the
+/// convergence rounds and the instant cover every disk: one freeze of every
+/// filesystem on any of them, and one name for every disk's boot point.
+/// Each disk commits on its own, so a job that fails on one disk loses
+/// nothing on any (each keeps its inflight set until acknowledged); boot
+/// points are asked for only once every disk has committed.
+pub fn run_all<T: Tracker>(
+    jobs: &[SyncOptions],
+    mut open: impl FnMut() -> Result<Tracking<T>, SyncError>,
+) -> Result<Vec<SyncSummary>, SyncError> {
+    let Some(first) = jobs.first() else {
+        return Ok(Vec::new());
     };
-    let source_id = known
-        .as_ref()
-        .and_then(|r| r.source_id.clone())
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let chunk = known.as_ref().map_or(opts.chunk.bytes(), |r| r.chunk_size);
-    let size = device.size_bytes();
-    let nchunks = size.div_ceil(chunk);
-    if nchunks > u64::from(u32::MAX) {
-        return Err(SyncError::TooLarge);
-    }
-
-    // 2. Connect and learn where the target stands.
-    let wire = (opts.bwlimit > 0).then(|| Arc::new(RateLimiter::new(opts.bwlimit)));
-    let link = transport::connect(&opts.target, &opts.connect)?;
-    let mut session = Session::new(link, wire);
-    let welcome = session.handshake(Hello {
-        version: protocol::VERSION,
-        source_id: parse_uuid(&source_id),
-        device_size: size,
-        chunk_size: chunk as u32,
-        image: opts.target.image.clone(),
-        force_new_source: opts.force_new_source,
-        read_only: false,
-        manage: false,
-        format: format_code(&opts.target),
-    })?;
-    if welcome.image_size < size {
-        return Err(SyncError::ImageTooSmall {
-            image: welcome.image_size,
-            source_size: size,
-        });
-    }
-
-    // 3. Tracking before anything is read, so no write from here on is
-    //    missed; then drain into every target's pending set and freeze ours.
-    let mut tracking = open()?;
-    let mut rec = match tracking.record(&opts.device) {
-        Ok(rec) => rec,
-        Err(TrackError::NotTracked { .. }) => {
-            let r = tracking.add_as(&opts.device, opts.chunk, source_id.clone())?;
-            tracing::info!(
-                "started tracking {} (chunk {})",
-                r.device.display(),
-                opts.chunk
-            );
-            tracking.record(&opts.device)?
+    let mut progress = Progress::new(first.progress_bar);
+    let mut disks = Vec::with_capacity(jobs.len());
+    for opts in jobs {
+        if jobs.len() > 1 {
+            progress.note(&format!("{} -> {}", opts.device.display(), opts.target));
         }
-        Err(e) => return Err(e.into()),
-    };
-    if tracking.source_id(&mut rec)? != source_id || rec.chunk_size != chunk {
-        // Another command re-added the device while we connected.
-        return Err(SyncError::Busy {
-            target: url.clone(),
-        });
+        disks.push(Disk::start(opts, &mut open, &mut progress)?);
     }
-    let _lock = tracking.store().lock_target(&id).map_err(|e| match e {
-        StoreError::Busy { .. } => SyncError::Busy {
-            target: url.clone(),
-        },
-        e => e.into(),
-    })?;
-    if target.is_none() {
-        let t = TargetRecord {
-            url: url.clone(),
-            dev: dev.to_string(),
-            generation: 0,
-            committing: None,
-            seeded: false,
-            needs_resync: None,
-            last_sync: None,
-        };
-        tracking.store().save_target(&id, &t)?;
-    }
-    let (_, frozen) = freeze_pending(&mut tracking, &opts.device, &id)?;
-    let mut target = tracking
-        .store()
-        .target(&id)?
-        .or(target.take())
-        .expect("the target record was just saved");
-    drop(tracking);
-
-    let ours = Some(parse_uuid(&source_id));
-    let known_generation =
-        welcome.generation == target.generation || Some(welcome.generation) == target.committing;
-    let reason = if opts.resync {
-        Some("requested with --resync".to_owned())
-    } else if !target.seeded && welcome.generation == 0 {
-        None // a seed
-    } else if !target.seeded {
-        Some(format!(
-            "the image already holds generation {} of this source",
-            welcome.generation
-        ))
-    } else if let Some(r) = &target.needs_resync {
-        Some(r.clone())
-    } else if welcome.source_id != ours {
-        Some("the image was taken over from another source".to_owned())
-    } else if !known_generation {
-        Some(format!(
-            "the target is at generation {}, this source last committed {}",
-            welcome.generation, target.generation
-        ))
-    } else {
-        None
-    };
-    let mode = match (&reason, target.seeded) {
-        (Some(_), _) => Mode::Resync,
-        (None, false) => Mode::Seed,
-        (None, true) => Mode::Incremental,
-    };
-    let mut progress = Progress::new(opts.progress_bar);
-    if let Some(r) = &reason {
-        progress.note(&format!("checksum resync of {url}: {r}"));
-    }
-
-    // 4. Decide what to ship.
-    let mut ship = frozen.clone();
-    let mut differing_bytes = None;
-    match mode {
-        Mode::Seed => {
-            ship.insert_range(0..nchunks as u32);
-        }
-        Mode::Incremental => {}
-        Mode::Resync => {
-            let file =
-                crate::sys::uring::open_direct(&device.path).map_err(|source| SyncError::Open {
-                    path: device.path.clone(),
-                    source,
-                })?;
-            progress.phase("comparing checksums", size);
-            let differ = compare::differing_chunks(&mut session, &file, size, chunk as u32, |d| {
-                progress.set(d)
-            })?;
-            differing_bytes = Some(total_bytes(&extents(&differ, chunk, size, u64::MAX)));
-            ship |= differ;
-            // What differs is owed to the target from now on: a job cut
-            // short after this point must not forget it, even when the
-            // next job is an incremental (a resync asked for with --resync).
-            let store = Store::open(&opts.state_dir)?;
-            let mut inflight = store.target_set(&id, Set::Inflight)?;
-            inflight |= &ship;
-            store.save_target_set(&id, Set::Inflight, &inflight)?;
-        }
-    }
-    let plan = extents(&ship, chunk, size, u64::from(opts.pipeline.max_io));
-    let changed_bytes = total_bytes(&plan);
-
-    // 5. Ship.
-    progress.phase(
-        match mode {
-            Mode::Seed => "seeding",
-            Mode::Incremental => "shipping changes",
-            Mode::Resync => "shipping differences",
-        },
-        changed_bytes,
-    );
-    let source = Source {
-        path: device.path.clone(),
-        size,
-        chunk,
-        pipeline: opts.pipeline.clone(),
-    };
-    let mut stats = source.ship(&mut session, plan, &mut progress)?;
 
     // 5b. Rounds until the rest is small, then one instant for a boot point.
-    let mut boot = None;
-    let mut changed_bytes = changed_bytes;
-    if let Some(bp) = &opts.boot_point {
-        let mut take = || take_more(&mut open, &opts.device, &id);
-        let out = bootpoint::converge(bp, &source, &mut session, &mut take, &mut progress)?;
-        stats.add(&out.stats);
-        changed_bytes += out.rounds_bytes();
-        boot = Some(out);
-    }
-
-    // 6. Commit: recorded as under way first, so a job killed before the
-    //    acknowledgement is recorded knows the target may be one ahead.
-    let generation = target.generation.max(welcome.generation) + 1;
-    {
-        let store = Store::open(&opts.state_dir)?;
-        target.committing = Some(generation);
-        store.save_target(&id, &target)?;
-    }
-    progress.phase("committing", 0);
-    session.send(&Message::Commit { generation })?;
-    match session.recv()? {
-        Message::Ack { generation: g, .. } if g == generation => {}
-        other => {
-            return Err(SyncError::Unexpected {
-                peer: session.peer.clone(),
-                wanted: "Ack of the commit",
-                got: if matches!(other, Message::Ack { .. }) {
-                    "Ack of another generation"
-                } else {
-                    "another reply"
-                }
-                .into(),
-            })
+    let converged = match &first.boot_point {
+        Some(bp) => {
+            let ids: Vec<String> = disks.iter().map(|d| d.id.clone()).collect();
+            let mut take = |i: usize| take_more(&mut open, &jobs[i].device, &ids[i]);
+            let mut members: Vec<_> = disks
+                .iter_mut()
+                .map(|d| bootpoint::Member {
+                    source: &d.source,
+                    session: &mut d.session,
+                })
+                .collect();
+            let out = bootpoint::converge(bp, &mut members, &mut take, &mut progress)?;
+            for (i, d) in disks.iter_mut().enumerate() {
+                d.stats.add(&out.stats[i]);
+                d.changed_bytes += out.rounds_bytes(i);
+            }
+            Some((out, bp))
         }
+        None => None,
+    };
+
+    // 6, 7. Every disk commits.
+    let mut generations = Vec::with_capacity(disks.len());
+    for d in &mut disks {
+        generations.push(d.commit(&mut progress)?);
     }
 
-    // 7. Acknowledged: only now forget what was shipped.
+    // 8. The boot points, of exactly what was just committed.
+    let mut boot_points: Vec<Option<bootpoint::BootPointSummary>> = match converged {
+        Some((out, bp)) => {
+            let mut sessions: Vec<&mut Session> =
+                disks.iter_mut().map(|d| &mut d.session).collect();
+            bootpoint::take(out, bp, &mut sessions, &mut progress)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => vec![None; disks.len()],
+    };
+    let mut summaries = Vec::with_capacity(disks.len());
+    for ((d, generation), boot_point) in disks
+        .into_iter()
+        .zip(generations)
+        .zip(boot_points.drain(..))
     {
-        let store = Store::open(&opts.state_dir)?;
-        let mut fresh = store.target(&id)?.unwrap_or(target.clone());
+        summaries.push(d.finish(generation, boot_point)?);
+    }
+    progress.finish();
+    Ok(summaries)
+}
+
+/// One disk of a job between its start and its commit.
+struct Disk<'o> {
+    opts: &'o SyncOptions,
+    started: Instant,
+    url: String,
+    device: BlockDevice,
+    /// The target's id in the state directory.
+    id: String,
+    target: TargetRecord,
+    /// The generation the agent said the image holds.
+    welcome_generation: u64,
+    session: Session,
+    source: Source,
+    mode: Mode,
+    reason: Option<String>,
+    differing_bytes: Option<u64>,
+    changed_bytes: u64,
+    stats: PipelineStats,
+    /// Held until the job ends: one job per target at a time.
+    _lock: TargetLock,
+}
+
+impl<'o> Disk<'o> {
+    /// Connects, makes sure the device is tracked, decides how to bring the
+    /// target up to date, and ships that.
+    fn start<T: Tracker>(
+        opts: &'o SyncOptions,
+        open: &mut impl FnMut() -> Result<Tracking<T>, SyncError>,
+        progress: &mut Progress,
+    ) -> Result<Self, SyncError> {
+        let started = Instant::now();
+        let url = opts.target.to_string();
+        // 1. Where things stand here. Nothing changes until the target has
+        //    accepted the session, so a refused job leaves no trace.
+        let device = BlockDevice::resolve(&opts.device).map_err(TrackError::from)?;
+        let dev = device.dev;
+        let id = target_id(dev, &url);
+        let (known, mut target) = {
+            let tracking = open()?;
+            let known = match tracking.record(&opts.device) {
+                Ok(rec) => Some(rec),
+                Err(TrackError::NotTracked { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let target = tracking.store().target(&id)?;
+            (known, target)
+        };
+        let source_id = known
+            .as_ref()
+            .and_then(|r| r.source_id.clone())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let chunk = known.as_ref().map_or(opts.chunk.bytes(), |r| r.chunk_size);
+        let size = device.size_bytes();
+        let nchunks = size.div_ceil(chunk);
+        if nchunks > u64::from(u32::MAX) {
+            return Err(SyncError::TooLarge);
+        }
+
+        // 2. Connect and learn where the target stands.
+        let wire = (opts.bwlimit > 0).then(|| Arc::new(RateLimiter::new(opts.bwlimit)));
+        let link = transport::connect(&opts.target, &opts.connect)?;
+        let mut session = Session::new(link, wire);
+        let welcome = session.handshake(Hello {
+            version: protocol::VERSION,
+            source_id: parse_uuid(&source_id),
+            device_size: size,
+            chunk_size: chunk as u32,
+            image: opts.target.image.clone(),
+            force_new_source: opts.force_new_source,
+            read_only: false,
+            manage: false,
+            format: format_code(&opts.target),
+        })?;
+        if welcome.image_size < size {
+            return Err(SyncError::ImageTooSmall {
+                image: welcome.image_size,
+                source_size: size,
+            });
+        }
+
+        // 3. Tracking before anything is read, so no write from here on is
+        //    missed; then drain into every target's pending set and freeze ours.
+        let mut tracking = open()?;
+        let mut rec = match tracking.record(&opts.device) {
+            Ok(rec) => rec,
+            Err(TrackError::NotTracked { .. }) => {
+                let r = tracking.add_as(&opts.device, opts.chunk, source_id.clone())?;
+                tracing::info!(
+                    "started tracking {} (chunk {})",
+                    r.device.display(),
+                    opts.chunk
+                );
+                tracking.record(&opts.device)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if tracking.source_id(&mut rec)? != source_id || rec.chunk_size != chunk {
+            // Another command re-added the device while we connected.
+            return Err(SyncError::Busy {
+                target: url.clone(),
+            });
+        }
+        let lock = tracking.store().lock_target(&id).map_err(|e| match e {
+            StoreError::Busy { .. } => SyncError::Busy {
+                target: url.clone(),
+            },
+            e => e.into(),
+        })?;
+        if target.is_none() {
+            let t = TargetRecord {
+                url: url.clone(),
+                dev: dev.to_string(),
+                generation: 0,
+                committing: None,
+                seeded: false,
+                needs_resync: None,
+                last_sync: None,
+            };
+            tracking.store().save_target(&id, &t)?;
+        }
+        let (_, frozen) = freeze_pending(&mut tracking, &opts.device, &id)?;
+        let target = tracking
+            .store()
+            .target(&id)?
+            .or(target.take())
+            .expect("the target record was just saved");
+        drop(tracking);
+
+        let ours = Some(parse_uuid(&source_id));
+        let known_generation = welcome.generation == target.generation
+            || Some(welcome.generation) == target.committing;
+        let reason = if opts.resync {
+            Some("requested with --resync".to_owned())
+        } else if !target.seeded && welcome.generation == 0 {
+            None // a seed
+        } else if !target.seeded {
+            Some(format!(
+                "the image already holds generation {} of this source",
+                welcome.generation
+            ))
+        } else if let Some(r) = &target.needs_resync {
+            Some(r.clone())
+        } else if welcome.source_id != ours {
+            Some("the image was taken over from another source".to_owned())
+        } else if !known_generation {
+            Some(format!(
+                "the target is at generation {}, this source last committed {}",
+                welcome.generation, target.generation
+            ))
+        } else {
+            None
+        };
+        let mode = match (&reason, target.seeded) {
+            (Some(_), _) => Mode::Resync,
+            (None, false) => Mode::Seed,
+            (None, true) => Mode::Incremental,
+        };
+        if let Some(r) = &reason {
+            progress.note(&format!("checksum resync of {url}: {r}"));
+        }
+
+        // 4. Decide what to ship.
+        let mut ship = frozen.clone();
+        let mut differing_bytes = None;
+        match mode {
+            Mode::Seed => {
+                ship.insert_range(0..nchunks as u32);
+            }
+            Mode::Incremental => {}
+            Mode::Resync => {
+                let file = crate::sys::uring::open_direct(&device.path).map_err(|source| {
+                    SyncError::Open {
+                        path: device.path.clone(),
+                        source,
+                    }
+                })?;
+                progress.phase("comparing checksums", size);
+                let differ =
+                    compare::differing_chunks(&mut session, &file, size, chunk as u32, |d| {
+                        progress.set(d)
+                    })?;
+                differing_bytes = Some(total_bytes(&extents(&differ, chunk, size, u64::MAX)));
+                ship |= differ;
+                // What differs is owed to the target from now on: a job cut
+                // short after this point must not forget it, even when the
+                // next job is an incremental (a resync asked for with --resync).
+                let store = Store::open(&opts.state_dir)?;
+                let mut inflight = store.target_set(&id, Set::Inflight)?;
+                inflight |= &ship;
+                store.save_target_set(&id, Set::Inflight, &inflight)?;
+            }
+        }
+        let plan = extents(&ship, chunk, size, u64::from(opts.pipeline.max_io));
+        let changed_bytes = total_bytes(&plan);
+
+        // 5. Ship.
+        progress.phase(
+            match mode {
+                Mode::Seed => "seeding",
+                Mode::Incremental => "shipping changes",
+                Mode::Resync => "shipping differences",
+            },
+            changed_bytes,
+        );
+        let source = Source {
+            path: device.path.clone(),
+            size,
+            chunk,
+            pipeline: opts.pipeline.clone(),
+        };
+        let stats = source.ship(&mut session, plan, progress)?;
+
+        Ok(Self {
+            opts,
+            started,
+            url,
+            device,
+            id,
+            target,
+            welcome_generation: welcome.generation,
+            session,
+            source,
+            mode,
+            reason,
+            differing_bytes,
+            changed_bytes,
+            stats,
+            _lock: lock,
+        })
+    }
+
+    /// Commits what was shipped and, once acknowledged, forgets it; returns
+    /// the generation. Recorded as under way first, so a job killed before
+    /// the acknowledgement is recorded knows the target may be one ahead.
+    fn commit(&mut self, progress: &mut Progress) -> Result<u64, SyncError> {
+        let generation = self.target.generation.max(self.welcome_generation) + 1;
+        let (id, target, session) = (&self.id, &mut self.target, &mut self.session);
+        {
+            let store = Store::open(&self.opts.state_dir)?;
+            target.committing = Some(generation);
+            store.save_target(id, target)?;
+        }
+        progress.phase("committing", 0);
+        session.send(&Message::Commit { generation })?;
+        match session.recv()? {
+            Message::Ack { generation: g, .. } if g == generation => {}
+            other => {
+                return Err(SyncError::Unexpected {
+                    peer: session.peer.clone(),
+                    wanted: "Ack of the commit",
+                    got: if matches!(other, Message::Ack { .. }) {
+                        "Ack of another generation"
+                    } else {
+                        "another reply"
+                    }
+                    .into(),
+                })
+            }
+        }
+
+        // Acknowledged: only now forget what was shipped.
+        let store = Store::open(&self.opts.state_dir)?;
+        let mut fresh = store.target(id)?.unwrap_or(target.clone());
         fresh.generation = generation;
         fresh.committing = None;
         fresh.seeded = true;
         fresh.last_sync = Some(now_secs());
         // A reason that arrived while the job ran (a drain found tracking
         // lost) still stands; the one this job resolved does not.
-        if fresh.needs_resync == target.needs_resync || mode == Mode::Seed {
+        if fresh.needs_resync == target.needs_resync || self.mode == Mode::Seed {
             fresh.needs_resync = None;
         }
-        store.save_target(&id, &fresh)?;
-        store.save_target_set(&id, Set::Inflight, &RoaringBitmap::new())?;
+        store.save_target(id, &fresh)?;
+        store.save_target_set(id, Set::Inflight, &RoaringBitmap::new())?;
+        Ok(generation)
     }
 
-    // 8. The boot point, of exactly what was just committed.
-    let boot_point = match (boot, &opts.boot_point) {
-        (Some(out), Some(bp)) => Some(bootpoint::take(out, bp, &mut session, &mut progress)?),
-        _ => None,
-    };
-    let sent_bytes = session.bytes_sent;
-    session.close()?;
-    progress.finish();
-    let secs = started.elapsed().as_secs_f64();
-    Ok(SyncSummary {
-        device: device.path,
-        target: url,
-        mode,
-        resync: mode == Mode::Resync,
-        resync_reason: reason,
-        changed_bytes,
-        differing_bytes,
-        sent_bytes,
-        read_bytes: stats.bytes_read,
-        zero_bytes: stats.zero_bytes,
-        data_bytes: stats.data_bytes,
-        compression_ratio: if stats.payload_bytes == 0 {
-            1.0
-        } else {
-            stats.data_bytes as f64 / stats.payload_bytes as f64
-        },
-        duration_secs: secs,
-        throughput_bytes_per_sec: if secs > 0.0 {
-            changed_bytes as f64 / secs
-        } else {
-            0.0
-        },
-        generation,
-        boot_point,
-    })
+    /// Closes the session; the disk's report.
+    fn finish(
+        self,
+        generation: u64,
+        boot_point: Option<bootpoint::BootPointSummary>,
+    ) -> Result<SyncSummary, SyncError> {
+        let sent_bytes = self.session.bytes_sent;
+        self.session.close()?;
+        let secs = self.started.elapsed().as_secs_f64();
+        let (stats, changed_bytes) = (self.stats, self.changed_bytes);
+        Ok(SyncSummary {
+            device: self.device.path,
+            target: self.url,
+            mode: self.mode,
+            resync: self.mode == Mode::Resync,
+            resync_reason: self.reason,
+            changed_bytes,
+            differing_bytes: self.differing_bytes,
+            sent_bytes,
+            read_bytes: stats.bytes_read,
+            zero_bytes: stats.zero_bytes,
+            data_bytes: stats.data_bytes,
+            compression_ratio: if stats.payload_bytes == 0 {
+                1.0
+            } else {
+                stats.data_bytes as f64 / stats.payload_bytes as f64
+            },
+            duration_secs: secs,
+            throughput_bytes_per_sec: if secs > 0.0 {
+                changed_bytes as f64 / secs
+            } else {
+                0.0
+            },
+            generation,
+            boot_point,
+        })
+    }
 }
 
 /// The source device as the pipeline reads it.
