@@ -84,21 +84,43 @@ impl Standby {
         self.interrupted_sync_with(&[], interrupt)
     }
 
+    /// As `interrupted_sync`, with more options. The interrupt comes once
+    /// the job says it ships data (a resync compares checksums first, which
+    /// takes longer on a loaded machine), plus a moment.
     fn interrupted_sync_with(
         &self,
         more: &[&str],
         interrupt: impl FnOnce(&mut std::process::Child),
     ) {
+        use std::io::{BufRead, BufReader};
         let mut args = self.args("sync", &["--bwlimit", "8M", "--zstd-level", "0"]);
         args.extend_from_slice(more);
         let mut child = self
             .f
             .command(&args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match lines.recv_timeout(Duration::from_secs(120)) {
+                Ok(l) if ["seeding", "shipping"].iter().any(|p| l.contains(p)) => break,
+                Ok(l) => seen.push(l),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("the sync never started shipping: {seen:?}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(700));
         assert!(
             child.try_wait().unwrap().is_none(),
             "the sync finished before it could be interrupted"
