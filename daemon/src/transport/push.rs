@@ -9,6 +9,13 @@
 //! `~/.cache/ferry/agent-<sha256 prefix>/` (mode 0700) as `ferry.part`,
 //! reads it back, checks its SHA-256, and only then has the next launcher
 //! rename it into place and run it.
+//!
+//! Every build pushed leaves a copy (a few MB), so copies do not pile up
+//! over upgrades: the launcher stamps the copy it runs (`used`, written by
+//! a builtin's redirection, no extra process), and each push removes the other
+//! copies whose stamp, or whose directory when there is no stamp, is older
+//! than [`PRUNE_AFTER_DAYS`]. A source of another version that still syncs
+//! to the host keeps its copy fresh by using it.
 
 use std::{path::Path, sync::OnceLock};
 
@@ -48,6 +55,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Pushed copies unused for this long are removed at the next push.
+pub const PRUNE_AFTER_DAYS: u32 = 30;
+
 /// The directory (under the login's home) a pushed copy lives in.
 fn cache_dir(hash: &str) -> String {
     format!("\"$HOME\"/.cache/ferry/agent-{}", &hash[..16])
@@ -72,7 +82,7 @@ fn launcher_script(hash: &str, root: &Path, promote: bool) -> String {
     };
     let script = format!(
         "d={dir}; {promote}\
-         if [ -x \"$d/ferry\" ]; then f=\"$d/ferry\"; \
+         if [ -x \"$d/ferry\" ]; then f=\"$d/ferry\"; true 2>/dev/null > \"$d/used\"; \
          elif [ \"$(ferry --version 2>/dev/null)\" = {version} ]; then f=ferry; \
          else echo {missing}; exit 0; fi; \
          echo {running}; exec \"$f\" agent --root {root}",
@@ -86,6 +96,19 @@ fn launcher_script(hash: &str, root: &Path, promote: bool) -> String {
     format!("exec /bin/sh -c {}", shell_quote(&script))
 }
 
+/// Shell that removes the pushed copies other than `$d` that were not used
+/// for [`PRUNE_AFTER_DAYS`] (by their `used` stamp, else their directory).
+fn prune_script() -> String {
+    format!(
+        "for o in \"$HOME\"/.cache/ferry/agent-*; do \
+         [ -d \"$o\" ] && [ ! -L \"$o\" ] && [ \"$o\" != \"$d\" ] || continue; \
+         if [ -e \"$o/used\" ]; then s=\"$o/used\"; else s=\"$o\"; fi; \
+         [ -n \"$(find \"$s\" -prune -mtime +{days})\" ] && rm -rf \"$o\"; \
+         done; true",
+        days = PRUNE_AFTER_DAYS - 1
+    )
+}
+
 /// Copies this binary to the target as `ferry.part` in the cache directory
 /// and checks the copy's SHA-256 from what the target reads back.
 pub fn upload(dest: &Destination) -> Result<(), TransportError> {
@@ -97,8 +120,9 @@ pub fn upload(dest: &Destination) -> Result<(), TransportError> {
     let (bytes, hash) = own_binary().map_err(push_err)?;
     let script = format!(
         "umask 077 && d={dir} && mkdir -p \"$d\" && cat > \"$d/ferry.part\" && \
-         chmod 700 \"$d/ferry.part\" && cat \"$d/ferry.part\"",
-        dir = cache_dir(hash)
+         chmod 700 \"$d/ferry.part\" && {{ {prune}; }} >/dev/null 2>&1 && cat \"$d/ferry.part\"",
+        dir = cache_dir(hash),
+        prune = prune_script(),
     );
     let mut back = Sha256::new();
     let mut len = 0u64;
@@ -188,9 +212,73 @@ mod tests {
         let out = launch(&tmp.0, &sys_path, true);
         assert_eq!(out, format!("{RUNNING}\ncached agent --root /srv/st\n"));
         assert!(!cache.join("ferry.part").exists());
-        // And from then on without promotion.
+        // And from then on without promotion; each run stamps it as used.
+        std::fs::remove_file(cache.join("used")).unwrap();
         let out = launch(&tmp.0, &sys_path, false);
         assert_eq!(out, format!("{RUNNING}\ncached agent --root /srv/st\n"));
+        assert!(cache.join("used").is_file());
+        // A copy that cannot be stamped still runs.
+        std::fs::remove_file(cache.join("used")).unwrap();
+        std::fs::create_dir(cache.join("used")).unwrap();
+        let out = launch(&tmp.0, &sys_path, false);
+        assert_eq!(out, format!("{RUNNING}\ncached agent --root /srv/st\n"));
+    }
+
+    #[test]
+    fn a_push_removes_other_copies_unused_for_a_month() {
+        let tmp = crate::testutil::TempDir::new("prune");
+        let cache = tmp.path(".cache/ferry");
+        let make = |name: &str, stamp: Option<&str>, dir_age: &str| {
+            let d = cache.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("ferry"), "x").unwrap();
+            if let Some(age) = stamp {
+                std::fs::write(d.join("used"), "").unwrap();
+                touch(&d.join("used"), age);
+            }
+            touch(&d, dir_age);
+            d
+        };
+        let ours = make("agent-0000000000000000", None, "90 days ago");
+        let stale = make("agent-1111111111111111", Some("40 days ago"), "90 days ago");
+        let in_use = make("agent-2222222222222222", Some("2 days ago"), "90 days ago");
+        let unstamped_old = make("agent-3333333333333333", None, "40 days ago");
+        let unstamped_new = make("agent-4444444444444444", None, "1 day ago");
+        let elsewhere = tmp.path("keep");
+        std::fs::create_dir(&elsewhere).unwrap();
+        touch(&elsewhere, "90 days ago");
+        let link = cache.join("agent-5555555555555555");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let script = format!(
+            "d=\"$HOME\"/.cache/ferry/agent-0000000000000000; {}",
+            prune_script()
+        );
+        let out = Command::new("/bin/sh")
+            .args(["-c", &script])
+            .env("HOME", &tmp.0)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        for (dir, kept) in [
+            (&ours, true),
+            (&stale, false),
+            (&in_use, true),
+            (&unstamped_old, false),
+            (&unstamped_new, true),
+            (&elsewhere, true),
+            (&link, true),
+        ] {
+            assert_eq!(dir.exists(), kept, "{}", dir.display());
+        }
+    }
+
+    fn touch(path: &Path, when: &str) {
+        let st = Command::new("touch")
+            .args(["-h", "-d", when])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success());
     }
 
     #[test]
