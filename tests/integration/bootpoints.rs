@@ -3,15 +3,16 @@
 //! ext4 on the source, and the image files themselves as the judge.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::mpsc,
     time::Duration,
 };
 
 use crate::sshd::Sshd;
-use crate::util::{privileged, run, same_content, write_random, Ferry, LoopDev, Mounted, TempDir};
+use crate::util::{
+    await_stderr_line, privileged, run, same_content, write_random, Ferry, LoopDev, Mounted,
+    TempDir,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -612,24 +613,11 @@ fn a_signal_during_the_freeze_thaws_before_ferry_exits() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (lines_tx, lines) = mpsc::channel();
-    let stderr = BufReader::new(syncing.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    loop {
-        match lines.recv_timeout(Duration::from_secs(120)) {
-            Ok(line) if line.contains("holding the freeze") => break,
-            Ok(line) => seen.push(line),
-            Err(_) => {
-                let _ = syncing.kill();
-                panic!("the freeze never started: {seen:?}");
-            }
-        }
-    }
+    let lines = await_stderr_line(
+        &mut syncing,
+        |l| l.contains("holding the freeze"),
+        "the freeze",
+    );
     run("kill", &["-TERM", &syncing.id().to_string()]);
     let status = syncing.wait().unwrap();
     let rest: Vec<String> = lines.iter().collect();

@@ -10,7 +10,8 @@ use std::{
 use crate::{
     sshd::Sshd,
     util::{
-        privileged, run, same_content, write_direct, write_random, Ferry, LoopDev, Mounted, TempDir,
+        await_stderr_line, privileged, run, same_content, write_direct, write_random, Ferry,
+        LoopDev, Mounted, TempDir,
     },
 };
 
@@ -92,7 +93,6 @@ impl Standby {
         more: &[&str],
         interrupt: impl FnOnce(&mut std::process::Child),
     ) {
-        use std::io::{BufRead, BufReader};
         let mut args = self.args("sync", &["--bwlimit", "8M", "--zstd-level", "0"]);
         args.extend_from_slice(more);
         let mut child = self
@@ -102,24 +102,11 @@ impl Standby {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut seen = Vec::new();
-        loop {
-            match lines.recv_timeout(Duration::from_secs(120)) {
-                Ok(l) if ["seeding", "shipping"].iter().any(|p| l.contains(p)) => break,
-                Ok(l) => seen.push(l),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("the sync never started shipping: {seen:?}");
-                }
-            }
-        }
+        await_stderr_line(
+            &mut child,
+            |l| ["seeding", "shipping"].iter().any(|p| l.contains(p)),
+            "shipping",
+        );
         std::thread::sleep(Duration::from_millis(700));
         assert!(
             child.try_wait().unwrap().is_none(),

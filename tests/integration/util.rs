@@ -8,8 +8,11 @@ use std::{
     fs::{File, OpenOptions},
     os::unix::fs::{FileExt, OpenOptionsExt},
     path::{Path, PathBuf},
-    process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Child, Command, Output},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc::Receiver,
+    },
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -399,4 +402,34 @@ pub fn write_buffered(path: &Path, offset: u64, len: usize, fill: u8) {
     let f = OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(&vec![fill; len], offset).unwrap();
     f.sync_all().unwrap();
+}
+
+/// Reads `child`'s stderr (piped) until a line `wanted` accepts, and
+/// returns the rest of its lines. The child is killed, and the test fails
+/// with what it printed, when no such line comes within two minutes.
+pub fn await_stderr_line(
+    child: &mut Child,
+    wanted: impl Fn(&str) -> bool,
+    what: &str,
+) -> Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match lines.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(line) if wanted(&line) => return lines,
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} never happened: {seen:?}");
+            }
+        }
+    }
 }
