@@ -247,7 +247,7 @@ pub fn run_all<T: Tracker>(
     }
 
     // 8. The boot points, of exactly what was just committed.
-    let mut boot_points: Vec<Option<bootpoint::BootPointSummary>> = match converged {
+    let boot_points: Vec<Option<bootpoint::BootPointSummary>> = match converged {
         Some((out, bp)) => {
             let mut sessions: Vec<&mut Session> =
                 disks.iter_mut().map(|d| &mut d.session).collect();
@@ -259,11 +259,7 @@ pub fn run_all<T: Tracker>(
         None => vec![None; disks.len()],
     };
     let mut summaries = Vec::with_capacity(disks.len());
-    for ((d, generation), boot_point) in disks
-        .into_iter()
-        .zip(generations)
-        .zip(boot_points.drain(..))
-    {
+    for ((d, generation), boot_point) in disks.into_iter().zip(generations).zip(boot_points) {
         summaries.push(d.finish(generation, boot_point)?);
     }
     progress.finish();
