@@ -69,6 +69,30 @@ impl ImageError {
         let op = op.into();
         move |source| ImageError::Io { file, op, source }
     }
+
+    pub fn corrupt(format: &'static str, file: &str, reason: impl Into<String>) -> ImageError {
+        ImageError::Corrupt {
+            file: file.to_owned(),
+            format,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn unsupported(format: &'static str, file: &str, what: impl Into<String>) -> ImageError {
+        ImageError::Unsupported {
+            file: file.to_owned(),
+            format,
+            what: what.into(),
+        }
+    }
+}
+
+/// `OutOfRange` unless `len` bytes at `offset` lie within a `size`-byte disk.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), ImageError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ImageError::OutOfRange { offset, len, size }),
+    }
 }
 
 /// The on-disk format of a standby image.

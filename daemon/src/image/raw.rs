@@ -32,17 +32,6 @@ impl Raw {
         format!("{}.{point}", self.name)
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(ImageError::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }),
-        }
-    }
-
     fn require(&self, point: &str) -> Result<(), ImageError> {
         if self.boot_points().iter().any(|p| p == point) {
             Ok(())
@@ -60,7 +49,7 @@ impl Standby for Raw {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.check(offset, data.len() as u64)?;
+        super::check_range(offset, data.len() as u64, self.size)?;
         self.file.write_all_at(data, offset).map_err(ImageError::io(
             &self.name,
             format!("write at offset {offset}"),
@@ -68,7 +57,7 @@ impl Standby for Raw {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.check(offset, len)?;
+        super::check_range(offset, len, self.size)?;
         match sysfs::punch_hole(&self.file, offset, len) {
             Ok(()) => Ok(()),
             Err(e) if sysfs::is_unsupported(&e) => {
@@ -89,7 +78,7 @@ impl Standby for Raw {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
-        self.check(offset, buf.len() as u64)?;
+        super::check_range(offset, buf.len() as u64, self.size)?;
         self.file.read_exact_at(buf, offset).map_err(ImageError::io(
             &self.name,
             format!("read at offset {offset}"),

@@ -82,19 +82,11 @@ const L2_CACHE_BYTES: u64 = 32 << 20;
 const FORMAT: &str = "qcow2";
 
 fn corrupt(file: &str, reason: impl Into<String>) -> ImageError {
-    ImageError::Corrupt {
-        file: file.to_owned(),
-        format: FORMAT,
-        reason: reason.into(),
-    }
+    ImageError::corrupt(FORMAT, file, reason)
 }
 
 fn unsupported(file: &str, what: impl Into<String>) -> ImageError {
-    ImageError::Unsupported {
-        file: file.to_owned(),
-        format: FORMAT,
-        what: what.into(),
-    }
+    ImageError::unsupported(FORMAT, file, what)
 }
 
 /// A refcount block in memory.
@@ -360,17 +352,6 @@ impl Qcow2 {
         (entries * 8).div_ceil(self.cluster_size())
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(ImageError::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            });
-        }
-        Ok(())
-    }
-
     /// Reads an L1 table and checks its entries.
     fn read_l1_at(&self, offset: u64, entries: u32) -> Result<Vec<u64>, ImageError> {
         let mut buf = vec![0u8; entries as usize * 8];
@@ -588,7 +569,7 @@ impl Standby for Qcow2 {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.check_range(offset, data.len() as u64)?;
+        super::check_range(offset, data.len() as u64, self.size)?;
         let cluster = self.cluster_size();
         let mut done = 0usize;
         while done < data.len() {
@@ -602,12 +583,12 @@ impl Standby for Qcow2 {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.check_range(offset, len)?;
+        super::check_range(offset, len, self.size)?;
         self.zero_range(offset, len)
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
-        self.check_range(offset, buf.len() as u64)?;
+        super::check_range(offset, buf.len() as u64, self.size)?;
         let cluster = self.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {

@@ -31,19 +31,11 @@ const FORMAT: &str = "vhdx";
 const CREATOR: &str = concat!("ferry ", env!("CARGO_PKG_VERSION"));
 
 pub(super) fn corrupt(file: &str, reason: impl Into<String>) -> ImageError {
-    ImageError::Corrupt {
-        file: file.to_owned(),
-        format: FORMAT,
-        reason: reason.into(),
-    }
+    ImageError::corrupt(FORMAT, file, reason)
 }
 
 pub(super) fn unsupported(file: &str, what: impl Into<String>) -> ImageError {
-    ImageError::Unsupported {
-        file: file.to_owned(),
-        format: FORMAT,
-        what: what.into(),
-    }
+    ImageError::unsupported(FORMAT, file, what)
 }
 
 /// Where a run of virtual bytes of this file comes from.

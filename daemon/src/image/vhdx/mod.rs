@@ -457,17 +457,6 @@ impl Vhdx {
         Ok(child)
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(ImageError::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }),
-        }
-    }
-
     /// Writes a piece smaller than a logical sector of a differencing top:
     /// the rest of its sector comes from the chain.
     fn write_partial_sector(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
@@ -488,7 +477,7 @@ impl Standby for Vhdx {
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
         self.ensure_loaded()?;
-        self.check_range(offset, data.len() as u64)?;
+        super::check_range(offset, data.len() as u64, self.size)?;
         if data.is_empty() {
             return Ok(());
         }
@@ -518,7 +507,7 @@ impl Standby for Vhdx {
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ImageError> {
         self.ensure_loaded()?;
-        self.check_range(offset, len)?;
+        super::check_range(offset, len, self.size)?;
         if len == 0 {
             return Ok(());
         }
@@ -549,7 +538,7 @@ impl Standby for Vhdx {
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.ensure_loaded()?;
-        self.check_range(offset, buf.len() as u64)?;
+        super::check_range(offset, buf.len() as u64, self.size)?;
         read_chain(&mut self.chain, offset, buf)
     }
 

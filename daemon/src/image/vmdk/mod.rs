@@ -80,19 +80,11 @@ const MAX_DEPTH: usize = 256;
 const MAX_DESC_BYTES: u64 = 64 << 10;
 
 pub(super) fn corrupt(file: &str, reason: impl Into<String>) -> ImageError {
-    ImageError::Corrupt {
-        file: file.to_owned(),
-        format: FORMAT,
-        reason: reason.into(),
-    }
+    ImageError::corrupt(FORMAT, file, reason)
 }
 
 pub(super) fn unsupported(file: &str, what: impl Into<String>) -> ImageError {
-    ImageError::Unsupported {
-        file: file.to_owned(),
-        format: FORMAT,
-        what: what.into(),
-    }
+    ImageError::unsupported(FORMAT, file, what)
 }
 
 fn desc_error(file: &str) -> impl FnOnce(DescError) -> ImageError + '_ {
@@ -659,17 +651,6 @@ impl Vmdk {
         write_atomic(&self.dir, &self.names.sidecar(), &json)
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), ImageError> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(ImageError::OutOfRange {
-                offset,
-                len,
-                size: self.size,
-            }),
-        }
-    }
-
     /// Makes an empty delta on `parent` as `NAME.vmdk.new`, named for
     /// `NAME.vmdk` in its extent line; the caller renames it.
     fn new_delta(&self, parent: &str, parent_cid: u32) -> Result<Layer, ImageError> {
@@ -716,19 +697,19 @@ impl Standby for Vmdk {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ImageError> {
-        self.check_range(offset, data.len() as u64)?;
+        super::check_range(offset, data.len() as u64, self.size)?;
         let top = self.top.clone();
         self.write_layer(&top, offset, data)
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ImageError> {
-        self.check_range(offset, len)?;
+        super::check_range(offset, len, self.size)?;
         let top = self.top.clone();
         self.zero_layer(&top, offset, len)
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
-        self.check_range(offset, buf.len() as u64)?;
+        super::check_range(offset, buf.len() as u64, self.size)?;
         let top = self.top.clone();
         self.read_layer(&top, offset, buf)
     }
