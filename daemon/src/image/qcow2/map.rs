@@ -105,18 +105,8 @@ impl Qcow2 {
         let e = self.l1[i];
         let off = e & L1E_OFFSET_MASK;
         if off == 0 {
-            let new = self.alloc_cluster()?;
             let entries = vec![0; self.l2_entries() as usize];
-            self.l2.insert(
-                new,
-                L2Table {
-                    entries,
-                    dirty: true,
-                },
-            );
-            self.l1[i] = new | COPIED;
-            self.l1_dirty = true;
-            return Ok(new);
+            return self.install_l2(i, entries);
         }
         if e & COPIED != 0 {
             return Ok(off);
@@ -139,20 +129,27 @@ impl Qcow2 {
                 for e in &mut entries {
                     *e &= !COPIED;
                 }
-                let new = self.alloc_cluster()?;
-                self.l2.insert(
-                    new,
-                    L2Table {
-                        entries,
-                        dirty: true,
-                    },
-                );
-                self.l1[i] = new | COPIED;
-                self.l1_dirty = true;
+                let new = self.install_l2(i, entries)?;
                 self.pending.push(off);
                 Ok(new)
             }
         }
+    }
+
+    /// Allocates a cluster for a new L2 table holding `entries` (written at
+    /// the next flush) and points L1 entry `i` at it.
+    fn install_l2(&mut self, i: usize, entries: Vec<u64>) -> Result<u64, ImageError> {
+        let new = self.alloc_cluster()?;
+        self.l2.insert(
+            new,
+            L2Table {
+                entries,
+                dirty: true,
+            },
+        );
+        self.l1[i] = new | COPIED;
+        self.l1_dirty = true;
+        Ok(new)
     }
 
     /// Writes `data` at guest offset `pos`, all within one cluster.
