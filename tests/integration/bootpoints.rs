@@ -292,6 +292,21 @@ fn qemu_same_at(format: &str, image: &Path, name: &str, raw: &Path) -> bool {
     same
 }
 
+/// `qemu-img check` finds nothing wrong with `image`.
+fn qemu_check(format: &str, image: &Path) {
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", format])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "qemu-img check of {}: {}",
+        image.display(),
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
 /// A VMDK boot point's file, from the format's own list beside the image.
 fn vmdk_point_file(dir: &Path, name: &str) -> std::path::PathBuf {
     let v: serde_json::Value =
@@ -355,16 +370,7 @@ fn qcow2_vmdk_and_vhdx_standbys_with_boot_points() {
                 assert!(snaps.contains(&v1) && snaps.contains(&v2), "{snaps}");
                 assert!(qemu_same_at("qcow2", &image, &v1, &at_v1), "qcow2 V1");
                 assert!(qemu_same_at("qcow2", &image, &v2, &dev.backing), "qcow2 V2");
-                let check = Command::new("qemu-img")
-                    .args(["check", "-f", "qcow2"])
-                    .arg(&image)
-                    .output()
-                    .unwrap();
-                assert!(
-                    check.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&check.stdout)
-                );
+                qemu_check("qcow2", &image);
             }
             "vmdk" => {
                 assert!(qemu_same("vmdk", &image, &dev.backing), "vmdk top");
@@ -376,16 +382,7 @@ fn qcow2_vmdk_and_vhdx_standbys_with_boot_points() {
                     qemu_same("vmdk", &vmdk_point_file(&dir.path, &v2), &dev.backing),
                     "vmdk V2"
                 );
-                let check = Command::new("qemu-img")
-                    .args(["check", "-f", "vmdk"])
-                    .arg(&image)
-                    .output()
-                    .unwrap();
-                assert!(
-                    check.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&check.stdout)
-                );
+                qemu_check("vmdk", &image);
             }
             _ => {
                 assert_eq!(
@@ -399,16 +396,7 @@ fn qcow2_vmdk_and_vhdx_standbys_with_boot_points() {
                     "vhdx V2"
                 );
                 let base = dir.join("web.vhdx");
-                let check = Command::new("qemu-img")
-                    .args(["check", "-f", "vhdx"])
-                    .arg(&base)
-                    .output()
-                    .unwrap();
-                assert!(
-                    check.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&check.stdout)
-                );
+                qemu_check("vhdx", &base);
             }
         }
         // Export: a standalone image of V1, in another format.

@@ -79,6 +79,22 @@ impl Standby {
         same_content(&self.dev.backing, &self.image)
     }
 
+    /// After an interrupted job: the image still differs (else the test
+    /// proves nothing), and one more sync makes it identical. Returns that
+    /// sync's summary.
+    fn rerun_completes(&self) -> serde_json::Value {
+        assert!(
+            !self.identical(),
+            "nothing left to do: the test proves nothing"
+        );
+        let again = self.sync();
+        assert!(
+            self.identical(),
+            "image differs after the rerun (what the interrupted job found was lost): {again}"
+        );
+        again
+    }
+
     /// Starts a sync that takes a few seconds (8 MiB/s on the wire), lets it
     /// get going, then calls `interrupt`; the sync must still be running.
     fn interrupted_sync(&self, interrupt: impl FnOnce(&mut std::process::Child)) {
@@ -189,12 +205,7 @@ fn kill_9_mid_transfer_then_rerun_is_identical() {
     // 32 MiB of changes at 8 MiB/s: about 4 s to ship.
     write_random(&s.dev.path, 16 * MIB, 32 * MIB as usize, 6);
     s.interrupted_sync(|child| child.kill().unwrap());
-    assert!(
-        !s.identical(),
-        "nothing left to do: the test proves nothing"
-    );
-    let again = s.sync();
-    assert!(s.identical(), "image differs after the rerun: {again}");
+    s.rerun_completes();
 }
 
 #[test]
@@ -223,12 +234,7 @@ fn cut_ssh_session_then_rerun_is_identical() {
             "a cut session must fail the sync"
         );
     });
-    assert!(
-        !s.identical(),
-        "nothing left to do: the test proves nothing"
-    );
-    let again = s.sync();
-    assert!(s.identical(), "image differs after the rerun: {again}");
+    s.rerun_completes();
 }
 
 #[test]
@@ -647,11 +653,6 @@ fn killed_resync_is_completed_by_the_next_sync() {
             .unwrap();
     }
     s.interrupted_sync_with(&["--resync"], |child| child.kill().unwrap());
-    assert!(
-        !s.identical(),
-        "nothing left to do: the test proves nothing"
-    );
-    let next = s.sync();
+    let next = s.rerun_completes();
     assert_eq!(next["mode"], "incremental", "{next}");
-    assert!(s.identical(), "the resync's findings were lost: {next}");
 }
