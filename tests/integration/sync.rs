@@ -274,6 +274,36 @@ fn full_target_keeps_the_dirty_set() {
     assert!(same_content(&dev.backing, &image), "image differs: {again}");
 }
 
+/// A known_hosts in `dir` that names `sshd`'s address with some other key.
+fn known_hosts_with_another_key(sshd: &Sshd, dir: &TempDir) -> PathBuf {
+    run(
+        "ssh-keygen",
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            dir.join("k").to_str().unwrap(),
+        ],
+    );
+    let other_pub = std::fs::read_to_string(dir.join("k.pub")).unwrap();
+    let mut parts = other_pub.split_whitespace();
+    let path = dir.join("known_hosts");
+    std::fs::write(
+        &path,
+        format!(
+            "[127.0.0.1]:{} {} {}\n",
+            sshd.port,
+            parts.next().unwrap(),
+            parts.next().unwrap()
+        ),
+    )
+    .unwrap();
+    path
+}
+
 #[test]
 fn wrong_or_unknown_host_key_is_refused() {
     if !privileged("wrong_or_unknown_host_key_is_refused") {
@@ -287,33 +317,8 @@ fn wrong_or_unknown_host_key_is_refused() {
     let url = sshd.url(&image);
     let id = sshd.dir.join("id_ed25519").display().to_string();
 
-    // A known_hosts entry with some other key.
     let other = TempDir::new();
-    run(
-        "ssh-keygen",
-        &[
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-f",
-            other.join("k").to_str().unwrap(),
-        ],
-    );
-    let other_pub = std::fs::read_to_string(other.join("k.pub")).unwrap();
-    let mut parts = other_pub.split_whitespace();
-    let wrong = other.join("known_hosts");
-    std::fs::write(
-        &wrong,
-        format!(
-            "[127.0.0.1]:{} {} {}\n",
-            sshd.port,
-            parts.next().unwrap(),
-            parts.next().unwrap()
-        ),
-    )
-    .unwrap();
+    let wrong = known_hosts_with_another_key(&sshd, &other);
     let err = f.fails(&[
         "sync",
         dev.arg(),
@@ -452,6 +457,61 @@ fn second_source_is_refused() {
     // Taking the image over is an explicit decision.
     let took = sync(&f, &b, &url, &["--force-new-source".into()]);
     assert!(same_content(&b.backing, &image), "{took}");
+}
+
+#[test]
+fn refused_connection_after_reading_ahead_loses_nothing() {
+    if !privileged("refused_connection_after_reading_ahead_loses_nothing") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let s = Standby::ssh(&sshd, 32 * MIB);
+    scatter(&s.dev, 43);
+    s.sync();
+    // The next job expects an incremental and freezes the dirty set while
+    // it connects; with a known_hosts that refuses the host, it must keep
+    // those chunks for the job after it.
+    write_direct(&s.dev.path, 9 * MIB, 8192, 0x77);
+    let other = TempDir::new();
+    let wrong = known_hosts_with_another_key(&sshd, &other);
+    let id = sshd.dir.join("id_ed25519");
+    let err = s.f.fails(&[
+        "sync",
+        s.dev.arg(),
+        &s.url,
+        "--identity",
+        id.to_str().unwrap(),
+        "--known-hosts",
+        wrong.to_str().unwrap(),
+    ]);
+    assert!(err.contains("does not match"), "{err}");
+    let again = s.sync();
+    assert_eq!(again["mode"], "incremental", "{again}");
+    assert!(s.identical(), "the refused job's chunks were lost: {again}");
+}
+
+#[test]
+fn expected_incremental_on_a_taken_over_image_resyncs() {
+    if !privileged("expected_incremental_on_a_taken_over_image_resyncs") {
+        return;
+    }
+    let a = Standby::file(32 * MIB);
+    scatter(&a.dev, 45);
+    a.sync();
+    // Another source takes the image over; `a` still believes it is seeded
+    // and reads ahead for an incremental, which the target turns into a
+    // checksum resync.
+    let b = LoopDev::new(32 * MIB);
+    write_random(&b.path, 2 * MIB, MIB as usize, 46);
+    let fb = Ferry::new();
+    sync(&fb, &b, &a.url, &["--force-new-source".into()]);
+    write_direct(&a.dev.path, 12 * MIB, 4096, 0x33);
+    let back = a.f.json(&a.args("sync", &["--force-new-source"]));
+    assert_eq!(back["mode"], "resync", "{back}");
+    assert!(a.identical(), "{back}");
+    let next = a.sync();
+    assert_eq!(next["mode"], "incremental", "{next}");
+    assert!(a.identical(), "{next}");
 }
 
 #[test]

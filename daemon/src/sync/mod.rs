@@ -2,14 +2,23 @@
 //! tracked source device.
 //!
 //! ```text
-//! connect, handshake            (a refused session changes nothing here)
-//!   ─▶ track the device if new, lock the target
+//! connect, handshake (on a thread)  ║ an expected incremental meanwhile:
+//!                                   ║ lock the target, drain, freeze,
+//!                                   ║ start reading (bounded by the memory cap)
+//!   ─▶ otherwise: track the device if new, lock the target
 //!   ─▶ drain kernel bits into every target's pending set
 //!   ─▶ pending → inflight (persisted)
 //!   ─▶ choose: seed | incremental | checksum resync
 //!   ─▶ read (io_uring) → zstd → frames → agent
 //!   ─▶ record "committing g+1" ─▶ Commit g+1 ─▶ Ack ─▶ record g+1, clear inflight
 //! ```
+//!
+//! The login is most of a short job, so a job this host expects to be an
+//! incremental (the target is known, seeded and owes no resync) does its
+//! local work while it connects. A job that is not what was expected stops
+//! reading and goes on as the target says; a refused one leaves the frozen
+//! chunks in the inflight set for the next job. Other jobs change nothing
+//! here until the target has accepted the session.
 //!
 //! The state lock is held only around the short updates, so other ferry
 //! commands are not held up by a long transfer. A job over several disks
@@ -44,14 +53,14 @@ use roaring::RoaringBitmap;
 use serde::Serialize;
 
 use crate::{
-    device::BlockDevice,
+    device::{BlockDevice, DevNum},
     dirty::{
         extents::{extents, total_bytes},
         store::{Store, StoreError},
         targets::{target_id, Set, TargetLock, TargetRecord},
     },
     pipeline::{self, Piece, Pipeline, PipelineConfig, PipelineError, PipelineStats},
-    protocol::{self, ErrorCode, Hello, Message, ProtocolError},
+    protocol::{self, ErrorCode, Hello, Message, ProtocolError, Welcome},
     throttle::RateLimiter,
     track::{TrackError, Tracking},
     tracker::{ChunkSize, Tracker},
@@ -298,12 +307,11 @@ impl<'o> Disk<'o> {
     ) -> Result<Self, SyncError> {
         let started = Instant::now();
         let url = opts.target.to_string();
-        // 1. Where things stand here. Nothing changes until the target has
-        //    accepted the session, so a refused job leaves no trace.
+        // 1. Where things stand here.
         let device = BlockDevice::resolve(&opts.device).map_err(TrackError::from)?;
         let dev = device.dev;
         let id = target_id(dev, &url);
-        let (known, mut target) = {
+        let (known, target) = {
             let tracking = open()?;
             let known = match tracking.record(&opts.device) {
                 Ok(rec) => Some(rec),
@@ -324,11 +332,9 @@ impl<'o> Disk<'o> {
             return Err(SyncError::TooLarge);
         }
 
-        // 2. Connect and learn where the target stands.
-        let wire = (opts.bwlimit > 0).then(|| Arc::new(RateLimiter::new(opts.bwlimit)));
-        let link = transport::connect(&opts.target, &opts.connect)?;
-        let mut session = Session::new(link, wire);
-        let welcome = session.handshake(Hello {
+        // 2. Connect on a thread: the login is most of a short job, so this
+        //    host gets ready meanwhile (below).
+        let hello = Hello {
             version: protocol::VERSION,
             source_id: parse_uuid(&source_id),
             device_size: size,
@@ -338,7 +344,50 @@ impl<'o> Disk<'o> {
             read_only: false,
             manage: false,
             format: format_code(&opts.target),
-        })?;
+        };
+        // A target this host knows as seeded, with nothing asking for a
+        // resync, is most likely due an incremental: take the job's lock
+        // before connecting (a busy target costs no login), then freeze the
+        // dirty set and start reading it while the login runs.
+        let expect_incremental = !opts.resync
+            && known.is_some()
+            && target
+                .as_ref()
+                .is_some_and(|t| t.seeded && t.needs_resync.is_none());
+        let early_lock = if expect_incremental {
+            Some(lock_target(&open()?, &id, &url)?)
+        } else {
+            None
+        };
+        let wire = (opts.bwlimit > 0).then(|| Arc::new(RateLimiter::new(opts.bwlimit)));
+        let connecting = {
+            let (target_url, connect) = (opts.target.clone(), opts.connect.clone());
+            std::thread::Builder::new()
+                .name("ferry-connect".into())
+                .spawn(move || -> Result<(Session, Welcome), SyncError> {
+                    let link = transport::connect(&target_url, &connect)?;
+                    let mut session = Session::new(link, wire);
+                    let welcome = session.handshake(hello)?;
+                    Ok((session, welcome))
+                })
+                .map_err(|source| TransportError::Io {
+                    op: "start the connecting thread",
+                    source,
+                })?
+        };
+        let source = Source {
+            path: device.path.clone(),
+            size,
+            chunk,
+            pipeline: opts.pipeline.clone(),
+        };
+        let ahead =
+            early_lock.map(|lock| Ahead::prepare(open, opts, &id, &source_id, lock, &source));
+        let (mut session, welcome) = connecting.join().map_err(|_| TransportError::Io {
+            op: "connect",
+            source: std::io::Error::other("the connecting thread panicked"),
+        })??;
+        let ahead = ahead.transpose()?.flatten();
         if welcome.image_size < size {
             return Err(SyncError::ImageTooSmall {
                 image: welcome.image_size,
@@ -347,52 +396,16 @@ impl<'o> Disk<'o> {
         }
 
         // 3. Tracking before anything is read, so no write from here on is
-        //    missed; then drain into every target's pending set and freeze ours.
-        let mut tracking = open()?;
-        let mut rec = match tracking.record(&opts.device) {
-            Ok(rec) => rec,
-            Err(TrackError::NotTracked { .. }) => {
-                let r = tracking.add_as(&opts.device, opts.chunk, source_id.clone())?;
-                tracing::info!(
-                    "started tracking {} (chunk {})",
-                    r.device.display(),
-                    opts.chunk
-                );
-                tracking.record(&opts.device)?
+        //    missed; then drain into every target's pending set and freeze
+        //    ours (done above when an incremental was expected).
+        let (lock, frozen, target, mut early_pipe) = match ahead {
+            Some(a) => (a.lock, a.frozen, a.target, Some(a.pipe)),
+            None => {
+                let (lock, frozen, target) =
+                    track_and_freeze(open, opts, &id, &source_id, dev, chunk, target)?;
+                (lock, frozen, target, None)
             }
-            Err(e) => return Err(e.into()),
         };
-        if tracking.source_id(&mut rec)? != source_id || rec.chunk_size != chunk {
-            // Another command re-added the device while we connected.
-            return Err(SyncError::Busy {
-                target: url.clone(),
-            });
-        }
-        let lock = tracking.store().lock_target(&id).map_err(|e| match e {
-            StoreError::Busy { .. } => SyncError::Busy {
-                target: url.clone(),
-            },
-            e => e.into(),
-        })?;
-        if target.is_none() {
-            let t = TargetRecord {
-                url: url.clone(),
-                dev: dev.to_string(),
-                generation: 0,
-                committing: None,
-                seeded: false,
-                needs_resync: None,
-                last_sync: None,
-            };
-            tracking.store().save_target(&id, &t)?;
-        }
-        let (_, frozen) = freeze_pending(&mut tracking, &opts.device, &id)?;
-        let target = tracking
-            .store()
-            .target(&id)?
-            .or(target.take())
-            .expect("the target record was just saved");
-        drop(tracking);
 
         let ours = Some(parse_uuid(&source_id));
         let known_generation = welcome.generation == target.generation
@@ -425,6 +438,10 @@ impl<'o> Disk<'o> {
         };
         if let Some(r) = &reason {
             progress.note(&format!("checksum resync of {url}: {r}"));
+        }
+        if mode != Mode::Incremental {
+            // Not the job expected: stop reading ahead and free its memory.
+            early_pipe = None;
         }
 
         // 4. Decide what to ship.
@@ -470,13 +487,12 @@ impl<'o> Disk<'o> {
             },
             changed_bytes,
         );
-        let source = Source {
-            path: device.path.clone(),
-            size,
-            chunk,
-            pipeline: opts.pipeline.clone(),
+        let pipe = match early_pipe {
+            // Read from the same frozen set as `plan`.
+            Some(pipe) => pipe,
+            None => source.start(plan)?,
         };
-        let stats = source.ship(&mut session, plan, progress)?;
+        let stats = source.send(&mut session, pipe, progress)?;
 
         Ok(Self {
             opts,
@@ -582,6 +598,124 @@ impl<'o> Disk<'o> {
     }
 }
 
+/// For a job that did not freeze its dirty set while connecting: makes
+/// sure the device is tracked (tracking it now if it is new, so the seed
+/// misses no write), takes the target's job lock and record, and freezes
+/// the dirty set. Returns the lock, the frozen set and the target record.
+fn track_and_freeze<T: Tracker>(
+    open: &mut impl FnMut() -> Result<Tracking<T>, SyncError>,
+    opts: &SyncOptions,
+    id: &str,
+    source_id: &str,
+    dev: DevNum,
+    chunk: u64,
+    mut target: Option<TargetRecord>,
+) -> Result<(TargetLock, RoaringBitmap, TargetRecord), SyncError> {
+    let url = opts.target.to_string();
+    let mut tracking = open()?;
+    let mut rec = match tracking.record(&opts.device) {
+        Ok(rec) => rec,
+        Err(TrackError::NotTracked { .. }) => {
+            let r = tracking.add_as(&opts.device, opts.chunk, source_id.to_owned())?;
+            tracing::info!(
+                "started tracking {} (chunk {})",
+                r.device.display(),
+                opts.chunk
+            );
+            tracking.record(&opts.device)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if tracking.source_id(&mut rec)? != source_id || rec.chunk_size != chunk {
+        // Another command re-added the device while we connected.
+        return Err(SyncError::Busy {
+            target: url.clone(),
+        });
+    }
+    let lock = lock_target(&tracking, id, &url)?;
+    if target.is_none() {
+        let t = TargetRecord {
+            url: url.clone(),
+            dev: dev.to_string(),
+            generation: 0,
+            committing: None,
+            seeded: false,
+            needs_resync: None,
+            last_sync: None,
+        };
+        tracking.store().save_target(id, &t)?;
+    }
+    let (_, frozen) = freeze_pending(&mut tracking, &opts.device, id)?;
+    let target = tracking
+        .store()
+        .target(id)?
+        .or(target.take())
+        .expect("the target record was just saved");
+    Ok((lock, frozen, target))
+}
+
+/// Takes the job lock of target `id`; another job holding it is `Busy`.
+fn lock_target<T: Tracker>(
+    tracking: &Tracking<T>,
+    id: &str,
+    url: &str,
+) -> Result<TargetLock, SyncError> {
+    tracking.store().lock_target(id).map_err(|e| match e {
+        StoreError::Busy { .. } => SyncError::Busy { target: url.into() },
+        e => e.into(),
+    })
+}
+
+/// What this host readies while the login runs, for a job expected to be
+/// an incremental: the target locked, its dirty set frozen (drained from
+/// the kernel and moved to the persisted inflight set, as the job does
+/// anyway), and the reader started on it. The memory cap bounds what is
+/// read ahead. If the target turns out to want something else, the reader
+/// is stopped and the frozen set is shipped by that job instead; if the
+/// session is refused, the frozen set waits in the inflight set for the
+/// next job. Either way nothing is lost.
+struct Ahead {
+    lock: TargetLock,
+    frozen: RoaringBitmap,
+    target: TargetRecord,
+    pipe: Pipeline,
+}
+
+impl Ahead {
+    /// `None` when the device's record changed since the job looked (the
+    /// job then goes the ordinary way, which reports it).
+    fn prepare<T: Tracker>(
+        open: &mut impl FnMut() -> Result<Tracking<T>, SyncError>,
+        opts: &SyncOptions,
+        id: &str,
+        source_id: &str,
+        lock: TargetLock,
+        source: &Source,
+    ) -> Result<Option<Self>, SyncError> {
+        let mut tracking = open()?;
+        let rec = match tracking.record(&opts.device) {
+            Ok(rec) => rec,
+            Err(TrackError::NotTracked { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if rec.source_id.as_deref() != Some(source_id) || rec.chunk_size != source.chunk {
+            return Ok(None);
+        }
+        let (_, frozen) = freeze_pending(&mut tracking, &opts.device, id)?;
+        let Some(target) = tracking.store().target(id)? else {
+            return Ok(None);
+        };
+        drop(tracking);
+        let pipe = source.start(source.plan(&frozen))?;
+        Ok(Some(Self {
+            lock,
+            frozen,
+            target,
+            pipe,
+        }))
+    }
+}
+
 /// The source device as the pipeline reads it.
 pub(crate) struct Source {
     pub path: PathBuf,
@@ -611,6 +745,16 @@ impl Source {
         progress: &mut Progress,
     ) -> Result<PipelineStats, SyncError> {
         let pipe = self.start(plan)?;
+        self.send(session, pipe, progress)
+    }
+
+    /// Sends what `pipe` reads, as it comes.
+    fn send(
+        &self,
+        session: &mut Session,
+        pipe: Pipeline,
+        progress: &mut Progress,
+    ) -> Result<PipelineStats, SyncError> {
         let mut done = 0;
         loop {
             if !pipe.ready() {
