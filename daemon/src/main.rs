@@ -24,7 +24,7 @@ use ferry::{
         linux::{LinuxTracker, DEFAULT_BPF_DIR},
         ChunkSize, Tracker,
     },
-    transport::{ConnectOptions, Endpoint, Password, Secret, SshOptions, TargetUrl},
+    transport::{ConnectOptions, Endpoint, Password, Reuse, Secret, SshOptions, TargetUrl},
 };
 
 /// ferry keeps standby copies of a server's disks current by shipping only the
@@ -326,32 +326,51 @@ struct SshArgs {
     /// Or set FERRY_SSH_PASSWORD. Never given on the command line.
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
+    /// Keep the SSH connection open this long after the job (in the
+    /// background, in a root-only socket under the state directory), so
+    /// the next job to the same target skips the key exchange and login;
+    /// 0 closes it when the job ends. A job with another key, known_hosts
+    /// or user makes its own connection.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "60s",
+        env = "FERRY_SSH_PERSIST",
+        value_parser = parse_persist
+    )]
+    ssh_persist: std::time::Duration,
 }
 
 impl SshArgs {
-    fn options(&self) -> anyhow::Result<ConnectOptions> {
+    fn options(&self, state_dir: &Path) -> anyhow::Result<ConnectOptions> {
         let known_hosts = match self.known_hosts.strip_prefix("~/") {
             Some(rest) => std::env::var_os("HOME")
                 .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
                 .join(rest),
             None => PathBuf::from(&self.known_hosts),
         };
+        // `ssh` runs in `/` (see `Destination::command`).
+        let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
         // Checked now for a clear error; `ssh` gets it later from ferry's
         // askpass run, which reads it again.
         let password = match &self.password_file {
             Some(path) => {
                 Secret::from_file(path)?;
-                Some(Password::File(path.clone()))
+                Some(Password::File(absolute(path)))
             }
             None => Secret::from_env().map(|_| Password::Env),
         };
         Ok(ConnectOptions {
             ssh: SshOptions {
-                known_hosts: Some(known_hosts),
+                known_hosts: Some(absolute(&known_hosts)),
                 accept_new_host_key: self.accept_new_host_key,
-                identity: self.identity.clone(),
+                identity: self.identity.as_deref().map(absolute),
                 password,
                 connect_timeout: None,
+                reuse: Some(Reuse {
+                    dir: state_dir.join("ssh"),
+                    persist: self.ssh_persist,
+                }),
             },
         })
     }
@@ -407,7 +426,6 @@ fn parse_chunk(s: &str) -> Result<ChunkSize, String> {
     s.parse()
 }
 
-/// `2s`, `500ms`, `1.5s`.
 /// `--disk DEVICE=TARGET` (split at the first `=`: a target's query may
 /// hold one).
 fn parse_disk(s: &str) -> Result<(PathBuf, TargetUrl), String> {
@@ -421,6 +439,7 @@ fn parse_disk(s: &str) -> Result<(PathBuf, TargetUrl), String> {
     Ok((PathBuf::from(device), target))
 }
 
+/// `2s`, `500ms`, `1.5s`.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
     let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
@@ -435,6 +454,14 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .filter(|v| v.is_finite() && *v > 0.0)
         .map(|v| std::time::Duration::from_secs_f64(v * scale))
         .ok_or_else(|| format!("{s:?} is not a duration like 2s or 500ms"))
+}
+
+/// A duration, or `0` for none.
+fn parse_persist(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().trim_end_matches('s') {
+        "0" => Ok(std::time::Duration::ZERO),
+        _ => parse_duration(s),
+    }
 }
 
 /// `4096`, `64K`, `20M`, `1G` (binary multiples).
@@ -557,9 +584,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Sync(args) => return sync_command(&cli.state_dir, &cli.bpf_dir, &args),
-        Command::Verify(args) => return verify_command(&args),
-        Command::BootPoints(cmd) => return boot_points_command(&cmd),
-        Command::BootTest(args) => return boot_test_command(&args),
+        Command::Verify(args) => return verify_command(&cli.state_dir, &args),
+        Command::BootPoints(cmd) => return boot_points_command(&cli.state_dir, &cmd),
+        Command::BootTest(args) => return boot_test_command(&cli.state_dir, &args),
     };
     let tracker = LinuxTracker::new(&cli.bpf_dir)?;
     let open_store = |path: &Path| {
@@ -634,7 +661,7 @@ fn sync_command(state_dir: &Path, bpf_dir: &Path, args: &SyncArgs) -> anyhow::Re
     if let Some(n) = args.nice {
         throttle::apply_nice(n).context("cannot apply --nice")?;
     }
-    let connect = args.ssh.options()?;
+    let connect = args.ssh.options(state_dir)?;
     let limiter = |rate: u64| (rate > 0).then(|| Arc::new(RateLimiter::new(rate)));
     let mut pipeline = PipelineConfig {
         zstd_level: args.zstd_level,
@@ -787,7 +814,7 @@ fn print_summary(out: &mut impl Write, s: &sync::SyncSummary) -> anyhow::Result<
     Ok(())
 }
 
-fn boot_points_command(cmd: &BootPointsCommand) -> anyhow::Result<ExitCode> {
+fn boot_points_command(state_dir: &Path, cmd: &BootPointsCommand) -> anyhow::Result<ExitCode> {
     use ferry::protocol::ManageOp;
     let (target, ssh, op, name, json) = match cmd {
         BootPointsCommand::Export {
@@ -796,7 +823,7 @@ fn boot_points_command(cmd: &BootPointsCommand) -> anyhow::Result<ExitCode> {
             out,
             qemu_img,
             ssh,
-        } => return export_command(target, name, out, qemu_img, ssh),
+        } => return export_command(target, name, out, qemu_img, ssh, state_dir),
         BootPointsCommand::List { target, ssh, json } => (target, ssh, ManageOp::List, "", *json),
         BootPointsCommand::Revert { target, name, ssh } => {
             (target, ssh, ManageOp::Revert, name.as_str(), false)
@@ -805,7 +832,7 @@ fn boot_points_command(cmd: &BootPointsCommand) -> anyhow::Result<ExitCode> {
             (target, ssh, ManageOp::Delete, name.as_str(), false)
         }
     };
-    let list = sync::manage::manage(target, &ssh.options()?, op, name)?;
+    let list = sync::manage::manage(target, &ssh.options(state_dir)?, op, name)?;
     let mut out = std::io::stdout().lock();
     match op {
         ManageOp::Revert => writeln!(
@@ -859,6 +886,7 @@ fn export_command(
     out: &Path,
     qemu_img: &Path,
     ssh: &SshArgs,
+    state_dir: &Path,
 ) -> anyhow::Result<ExitCode> {
     let (path, format) = match &target.endpoint {
         Endpoint::Local => {
@@ -880,7 +908,7 @@ fn export_command(
                 qemu_img: qemu_img.to_owned(),
             };
             let r: ExportReport =
-                sync::manage::task(target, &ssh.options()?, &task, "an export report")?;
+                sync::manage::task(target, &ssh.options(state_dir)?, &task, "an export report")?;
             (format!("{host}:{}", r.path.display()), r.format)
         }
     };
@@ -891,8 +919,8 @@ fn export_command(
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify_command(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    let connect = args.ssh.options()?;
+fn verify_command(state_dir: &Path, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let connect = args.ssh.options(state_dir)?;
     let bar = std::io::stderr().is_terminal() && !args.json;
     let r = sync::verify::verify(&args.device, &args.target, &connect, bar)?;
     let mut out = std::io::stdout().lock();
@@ -928,7 +956,7 @@ fn verify_command(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn boot_test_command(args: &BootTestArgs) -> anyhow::Result<ExitCode> {
+fn boot_test_command(state_dir: &Path, args: &BootTestArgs) -> anyhow::Result<ExitCode> {
     use ferry::boottest::{self, BootTestOptions, Outcome};
     if args.expect.is_empty() {
         anyhow::bail!("--expect needs a text to watch for");
@@ -952,7 +980,7 @@ fn boot_test_command(args: &BootTestArgs) -> anyhow::Result<ExitCode> {
         Endpoint::Local => boottest::boot_test(&args.target, &opts).map_err(anyhow::Error::from),
         Endpoint::Ssh { .. } => sync::manage::task(
             &args.target,
-            &args.ssh.options()?,
+            &args.ssh.options(state_dir)?,
             &Task::BootTest(opts),
             "a boot test report",
         )

@@ -93,6 +93,28 @@ impl Sshd {
         ]
     }
 
+    /// The per-connection sshd processes (one per open connection), once
+    /// their number has settled at what `settled` accepts (a closed
+    /// connection's process takes a moment to exit); after 5 s, whatever
+    /// there is.
+    pub fn connections(&self, settled: impl Fn(usize) -> bool) -> Vec<u32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = Command::new("pgrep")
+                .args(["-P", &self.child.id().to_string()])
+                .output()
+                .expect("pgrep (procps) is installed");
+            let pids: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+            if settled(pids.len()) || Instant::now() > deadline {
+                return pids;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Kills the per-connection sshd processes (cuts every session) but not
     /// the listener.
     pub fn kill_sessions(&self) -> bool {

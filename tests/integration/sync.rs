@@ -460,6 +460,42 @@ fn second_source_is_refused() {
 }
 
 #[test]
+fn ssh_connection_is_kept_for_the_next_job() {
+    if !privileged("ssh_connection_is_kept_for_the_next_job") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let s = Standby::ssh(&sshd, 32 * MIB);
+    scatter(&s.dev, 41);
+    s.sync();
+    let kept = sshd.connections(|n| n == 1);
+    assert_eq!(kept.len(), 1, "the seed's connection should stay open");
+    write_direct(&s.dev.path, 5 * MIB, 4096, 0x5a);
+    let next = s.sync();
+    assert_eq!(next["mode"], "incremental", "{next}");
+    assert!(s.identical(), "{next}");
+    assert_eq!(
+        sshd.connections(|n| n == 1),
+        kept,
+        "the incremental made a connection of its own"
+    );
+    // --ssh-persist 0: a connection of its own, closed when the job ends.
+    write_direct(&s.dev.path, 6 * MIB, 4096, 0xa5);
+    let own = s.f.json(&s.args("sync", &["--ssh-persist", "0"]));
+    assert!(s.identical(), "{own}");
+    assert_eq!(sshd.connections(|n| n == 1), kept, "{own}");
+    let state = &s.f.state;
+    let sockets: Vec<_> = std::fs::read_dir(state.join("ssh")).unwrap().collect();
+    assert_eq!(sockets.len(), 1, "one shared connection, one socket");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(state.join("ssh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "the sockets' directory is root-only");
+}
+
+#[test]
 fn refused_connection_after_reading_ahead_loses_nothing() {
     if !privileged("refused_connection_after_reading_ahead_loses_nothing") {
         return;

@@ -12,6 +12,11 @@
 //! against the physical limit: the slower of reading the source (fio,
 //! O_DIRECT) and pushing the same bytes through `ssh 'cat > /dev/null'`.
 //!
+//! ferry keeps its SSH connection open for the next job (`--ssh-persist`),
+//! so the incremental runs over the seed's connection; the same churn is
+//! then synced once more over a new connection, to show what logging in
+//! costs.
+//!
 //! Everything is timed by wall clock, connecting included. Goals are printed,
 //! not asserted. Every copy is checked against the source (the standby with
 //! `ferry verify` and with `cmp`, the baselines with `cmp`): a copy that
@@ -153,6 +158,22 @@ pub fn run(args: &SyncArgs) -> Result<()> {
     let full = runner.attempt("full copy", || copy_over_ssh(&sshd, &source, &full_copy))?;
     remove_file(&full_copy)?;
 
+    // The incremental above reused the seed's SSH connection, which ferry
+    // keeps open for the next job (`--ssh-persist`). The same churn again,
+    // synced over a connection of its own, shows what a job pays to log in.
+    let blocks = workload::churn_blocks(&mut rng, bytes, args.churn_percent);
+    util::step(&format!(
+        "{churn} again: {} more random 4 KiB blocks, synced over a new ssh connection",
+        blocks.len()
+    ));
+    workload::write_blocks(&device, &blocks, &mut rng)?;
+    let cold = Standby {
+        ssh_args: [image.ssh_args.clone(), vec!["--ssh-persist".into(), "0".into()]].concat(),
+        url: image.url.clone(),
+        path: image.path.clone(),
+    };
+    let ferry_cold = cold.incremental(&mut runner, &rig, &device, &source, "the second churn")?;
+
     util::step(&format!(
         "100% churn: overwriting all of {device} with random data (O_DIRECT)"
     ));
@@ -182,6 +203,7 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         load_after: load_average(),
         seed: Timed::from(&seed),
         ferry_churn: ferry_churn.as_ref().map(Timed::from),
+        ferry_cold: ferry_cold.as_ref().map(Timed::from),
         rsync,
         full,
         ferry_all: ferry_all.as_ref().map(Timed::from),
@@ -567,6 +589,8 @@ struct Results<'a> {
     load_after: String,
     seed: Timed,
     ferry_churn: Option<Timed>,
+    /// The same churn, over a new SSH connection.
+    ferry_cold: Option<Timed>,
     rsync: Option<Timed>,
     full: Option<Timed>,
     ferry_all: Option<Timed>,
@@ -627,6 +651,10 @@ fn report(r: &Results<'_>) {
         r.ferry_churn.as_ref(),
     );
     row(
+        &format!("{}: the same, new ssh connection", r.churn),
+        r.ferry_cold.as_ref(),
+    );
+    row(
         &format!("{}: rsync --inplace --no-whole-file", r.churn),
         r.rsync.as_ref(),
     );
@@ -651,6 +679,13 @@ fn report(r: &Results<'_>) {
             met(ratio >= GOAL_RSYNC_RATIO)
         ),
         None => say!("rsync / ferry: not measured   goal >= {GOAL_RSYNC_RATIO}x: NOT met"),
+    }
+    if let (Some(rsync), Some(cold)) = (r.rsync.as_ref(), r.ferry_cold.as_ref()) {
+        say!(
+            "{:<42} {:>8.1}x",
+            "the same, ferry over a new ssh connection",
+            rsync.secs / cold.secs
+        );
     }
     match time_ratio(r.full.as_ref()) {
         Some(ratio) => say!(

@@ -203,6 +203,11 @@ impl Sshd {
 
 impl Drop for Sshd {
     fn drop(&mut self) {
+        // The per-connection sshds first: ferry keeps its connection open
+        // for the next job, and that ends only with its server side.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-P", &self.child.id().to_string()])
+            .status();
         sys::terminate(self.child.id());
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

@@ -23,7 +23,7 @@ use std::{
     thread::JoinHandle,
 };
 
-pub use ssh::{Password, Secret, SshOptions};
+pub use ssh::{Password, Reuse, Secret, SshOptions};
 pub use url::{Endpoint, TargetUrl, UrlError};
 
 #[derive(Debug, thiserror::Error)]

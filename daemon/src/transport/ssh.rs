@@ -117,7 +117,31 @@ pub struct SshOptions {
     /// Password, or passphrase of the key.
     pub password: Option<Password>,
     pub connect_timeout: Option<Duration>,
+    /// Keep the connection for the next job; `None` closes it at the end.
+    pub reuse: Option<Reuse>,
 }
+
+/// Connection sharing (OpenSSH's ControlMaster): the first session to a
+/// target leaves its connection open in the background for `persist`
+/// after its last session ends, and the next job's sessions run over it
+/// without a new key exchange and login.
+///
+/// A connection is shared only by jobs that would have made the very same
+/// connection: its socket is named by a hash of the user, host, port, key,
+/// password source and the known_hosts and ssh_config files (their paths,
+/// sizes and change times), so a job with another key or another
+/// known_hosts, or after known_hosts changed, logs in anew and has the host
+/// key checked again.
+#[derive(Clone, Debug)]
+pub struct Reuse {
+    /// Root-only directory for the control sockets (in the state directory).
+    pub dir: PathBuf,
+    pub persist: Duration,
+}
+
+/// The longest control socket path: a Unix socket path has 108 bytes, and
+/// `ssh` binds a name 17 bytes longer first.
+const MAX_CONTROL_PATH: usize = 90;
 
 /// Where and how to log in.
 #[derive(Clone, Debug)]
@@ -143,6 +167,10 @@ impl Destination {
     fn command(&self, remote: &str) -> Command {
         let mut cmd = Command::new(SSH);
         cmd.args(self.args()).arg(remote);
+        // A shared connection outlives the job in the background: it must
+        // not keep the job's working directory (a mount) busy. Paths it is
+        // given are absolute.
+        cmd.current_dir("/");
         cmd.env_remove(ASKPASS_FILE_ENV);
         match &self.opts.password {
             Some(password) => {
@@ -190,12 +218,18 @@ impl Destination {
             "PermitLocalCommand=no".to_owned(),
             "RemoteCommand=none".to_owned(),
             "RequestTTY=no".to_owned(),
-            "ControlMaster=no".to_owned(),
-            "ControlPath=none".to_owned(),
             // ferry compresses what is worth it.
             "Compression=no".to_owned(),
             "LogLevel=ERROR".to_owned(),
         ];
+        match self.control_path() {
+            Some((path, persist)) => options.extend([
+                "ControlMaster=auto".to_owned(),
+                format!("ControlPath={}", path.display()),
+                format!("ControlPersist={}", persist.as_secs().max(1)),
+            ]),
+            None => options.extend(["ControlMaster=no".to_owned(), "ControlPath=none".to_owned()]),
+        }
         if let Some(path) = &self.opts.known_hosts {
             options.push(format!("UserKnownHostsFile={}", path.display()));
             options.push("GlobalKnownHostsFile=/dev/null".to_owned());
@@ -227,6 +261,81 @@ impl Destination {
             self.host.as_str().into(),
         ]);
         args
+    }
+
+    /// Where this destination's shared connection listens, made ready (a
+    /// root-only directory); `None` when sharing is off or cannot be had,
+    /// and the job then makes its own connection.
+    fn control_path(&self) -> Option<(PathBuf, Duration)> {
+        let reuse = self.opts.reuse.as_ref().filter(|r| !r.persist.is_zero())?;
+        let path = reuse.dir.join(self.connection_key());
+        if path.as_os_str().len() > MAX_CONTROL_PATH {
+            tracing::debug!(
+                "not sharing the ssh connection: {} is too long for a socket path",
+                path.display()
+            );
+            return None;
+        }
+        match private_dir(&reuse.dir) {
+            Ok(()) => Some((path, reuse.persist)),
+            Err(e) => {
+                tracing::debug!(
+                    "not sharing the ssh connection: {}: {e}",
+                    reuse.dir.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Names the connection by everything that decides how it is made and
+    /// checked (see [`Reuse`]).
+    fn connection_key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut put = |s: &str| {
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        };
+        put(&self.user);
+        put(&self.host);
+        put(&self.port.to_string());
+        put(if self.opts.accept_new_host_key {
+            "accept-new"
+        } else {
+            "strict"
+        });
+        put(match &self.opts.password {
+            None => "no password".into(),
+            Some(Password::Env) => "password from the environment".into(),
+            Some(Password::File(p)) => format!("password file {}", p.display()),
+        }
+        .as_str());
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        let files = [
+            self.opts.known_hosts.clone(),
+            self.opts.identity.clone(),
+            home.as_ref().map(|h| h.join(".ssh/known_hosts")),
+            home.as_ref().map(|h| h.join(".ssh/config")),
+            Some(PathBuf::from("/etc/ssh/ssh_known_hosts")),
+            Some(PathBuf::from("/etc/ssh/ssh_config")),
+        ];
+        for file in files.iter().flatten() {
+            put(&file.display().to_string());
+            put(&match fs::metadata(file) {
+                Ok(m) => format!(
+                    "{} {} {} {}.{}",
+                    m.dev(),
+                    m.ino(),
+                    m.len(),
+                    m.ctime(),
+                    m.ctime_nsec()
+                ),
+                Err(e) => e.kind().to_string(),
+            });
+        }
+        let digest = h.finalize();
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Checks what can be checked before `ssh` runs, so these get ferry's
@@ -315,6 +424,24 @@ impl Destination {
                 .to_owned(),
         }
     }
+}
+
+/// Makes `dir` (and its parents) if needed, with mode 0700: the sockets in
+/// it are logged-in connections.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other("not a directory"));
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 fn last_line(text: &str) -> Option<&str> {
@@ -616,6 +743,87 @@ mod tests {
             .collect();
         assert!(args.iter().any(|a| a == "StrictHostKeyChecking=accept-new"));
         assert!(!args.iter().any(|a| a == "BatchMode=yes"), "{args:?}");
+    }
+
+    fn arg_strings(d: &Destination) -> Vec<String> {
+        d.args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_connection_is_shared_only_by_jobs_that_would_make_the_same_one() {
+        let dir = crate::testutil::TempDir::new("control");
+        let sockets = dir.path("state/ssh");
+        let known = dir.path("known_hosts");
+        fs::write(&known, "").unwrap();
+        let opts = SshOptions {
+            known_hosts: Some(known.clone()),
+            reuse: Some(Reuse {
+                dir: sockets.clone(),
+                persist: Duration::from_secs(60),
+            }),
+            ..SshOptions::default()
+        };
+        let args = arg_strings(&dest(&opts));
+        assert!(args.iter().any(|a| a == "ControlMaster=auto"), "{args:?}");
+        assert!(args.iter().any(|a| a == "ControlPersist=60"), "{args:?}");
+        let path = args
+            .iter()
+            .find_map(|a| a.strip_prefix("ControlPath="))
+            .expect("a control path");
+        assert!(path.starts_with(&sockets.display().to_string()), "{path}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&sockets).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "the sockets' directory is private");
+
+        // The same job again shares it; anything that changes how the
+        // connection is made or checked does not.
+        let key = |opts: &SshOptions| dest(opts).connection_key();
+        let base = key(&opts);
+        assert_eq!(key(&opts), base);
+        let mut other_port = dest(&opts);
+        other_port.port = 2223;
+        assert_ne!(other_port.connection_key(), base);
+        let other_known = SshOptions {
+            known_hosts: Some(dir.path("elsewhere")),
+            ..opts.clone()
+        };
+        assert_ne!(key(&other_known), base);
+        let accept = SshOptions {
+            accept_new_host_key: true,
+            ..opts.clone()
+        };
+        assert_ne!(key(&accept), base);
+        let keyed = SshOptions {
+            identity: Some(dir.path("id")),
+            ..opts.clone()
+        };
+        assert_ne!(key(&keyed), base);
+        fs::write(&known, "[standby.example]:2222 ssh-ed25519 AAAA\n").unwrap();
+        assert_ne!(key(&opts), base, "known_hosts changed: check the host again");
+
+        // Off, or a directory too deep for a socket path: a connection of
+        // the job's own.
+        for reuse in [
+            Reuse {
+                dir: sockets.clone(),
+                persist: Duration::ZERO,
+            },
+            Reuse {
+                dir: dir.path(&"d".repeat(100)),
+                persist: Duration::from_secs(60),
+            },
+        ] {
+            let opts = SshOptions {
+                reuse: Some(reuse),
+                ..SshOptions::default()
+            };
+            let args = arg_strings(&dest(&opts));
+            assert!(args.iter().any(|a| a == "ControlMaster=no"), "{args:?}");
+            assert!(args.iter().any(|a| a == "ControlPath=none"), "{args:?}");
+        }
     }
 
     #[test]
