@@ -160,9 +160,13 @@ pub struct SessionSummary {
 /// error is returned.
 pub fn serve<R: Read, W: Write>(
     root: &Path,
-    mut input: R,
+    input: R,
     mut output: W,
 ) -> Result<SessionSummary, AgentError> {
+    // Thousands of small frames arrive back to back: read them in large
+    // gulps, not a syscall (and a wakeup) or two per frame. A payload as
+    // large as the buffer bypasses it.
+    let mut input = io::BufReader::with_capacity(INPUT_BUFFER, input);
     let err = match run(root, &mut input, &mut output) {
         Ok(summary) => return Ok(summary),
         Err(err) => err,
@@ -183,6 +187,9 @@ pub fn serve<R: Read, W: Write>(
     }
     Err(err)
 }
+
+/// Bytes of the source's stream read at a time.
+const INPUT_BUFFER: usize = 256 << 10;
 
 fn run<R: Read, W: Write>(
     root: &Path,
