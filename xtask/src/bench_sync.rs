@@ -168,7 +168,11 @@ pub fn run(args: &SyncArgs) -> Result<()> {
     ));
     workload::write_blocks(&device, &blocks, &mut rng)?;
     let cold = Standby {
-        ssh_args: [image.ssh_args.clone(), vec!["--ssh-persist".into(), "0".into()]].concat(),
+        ssh_args: [
+            image.ssh_args.clone(),
+            vec!["--ssh-persist".into(), "0".into()],
+        ]
+        .concat(),
         url: image.url.clone(),
         path: image.path.clone(),
     };

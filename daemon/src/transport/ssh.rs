@@ -802,7 +802,11 @@ mod tests {
         };
         assert_ne!(key(&keyed), base);
         fs::write(&known, "[standby.example]:2222 ssh-ed25519 AAAA\n").unwrap();
-        assert_ne!(key(&opts), base, "known_hosts changed: check the host again");
+        assert_ne!(
+            key(&opts),
+            base,
+            "known_hosts changed: check the host again"
+        );
 
         // Off, or a directory too deep for a socket path: a connection of
         // the job's own.
