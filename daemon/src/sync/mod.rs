@@ -475,7 +475,7 @@ impl<'o> Disk<'o> {
                 store.save_target_set(&id, Set::Inflight, &inflight)?;
             }
         }
-        let plan = extents(&ship, chunk, size, u64::from(opts.pipeline.max_io));
+        let plan = source.plan(&ship);
         let changed_bytes = total_bytes(&plan);
 
         // 5. Ship.
