@@ -652,8 +652,8 @@ mod tests {
             return;
         }
         let dir = Scratch::new().unwrap();
-        let img = |args: &[&str]| {
-            let out = Command::new("qemu-img")
+        let run = |program: &str, args: &[&str]| {
+            let out = Command::new(program)
                 .args(args)
                 .current_dir(&dir.0)
                 .output()
@@ -664,18 +664,8 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
         };
-        let io = |cmd: &str| {
-            let out = Command::new("qemu-io")
-                .args(["-f", "qcow2", "-c", cmd, "web.qcow2"])
-                .current_dir(&dir.0)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let img = |args: &[&str]| run("qemu-img", args);
+        let io = |cmd: &str| run("qemu-io", &["-f", "qcow2", "-c", cmd, "web.qcow2"]);
         img(&["create", "-q", "-f", "qcow2", "web.qcow2", "1M"]);
         io("write -P 1 0 4k");
         img(&["snapshot", "-c", "V20260101_000000", "web.qcow2"]);

@@ -84,6 +84,13 @@ fn random_write(rng: &mut StdRng, v: &mut Vhdx, model: &mut [u8], max_len: usize
     model[off..off + len].copy_from_slice(&data);
 }
 
+/// `n` random writes of up to 100,000 bytes.
+fn random_writes(rng: &mut StdRng, v: &mut Vhdx, model: &mut [u8], n: usize) {
+    for _ in 0..n {
+        random_write(rng, v, model, 100_000);
+    }
+}
+
 fn random_zero(rng: &mut StdRng, v: &mut Vhdx, model: &mut [u8], max_len: usize) {
     let len = rng.gen_range(1..=max_len);
     let off = rng.gen_range(0..=model.len() - len);
@@ -318,27 +325,19 @@ fn revert_makes_the_top_a_boot_point_again() {
     let mut rng = StdRng::seed_from_u64(5);
     let mut model = vec![0u8; SIZE as usize];
     let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
-    for _ in 0..20 {
-        random_write(&mut rng, &mut v, &mut model, 100_000);
-    }
+    random_writes(&mut rng, &mut v, &mut model, 20);
     v.create_boot_point("V1").unwrap();
     let m1 = model.clone();
-    for _ in 0..20 {
-        random_write(&mut rng, &mut v, &mut model, 100_000);
-    }
+    random_writes(&mut rng, &mut v, &mut model, 20);
     v.create_boot_point("V2").unwrap();
     let m2 = model.clone();
-    for _ in 0..20 {
-        random_write(&mut rng, &mut v, &mut model, 100_000);
-    }
+    random_writes(&mut rng, &mut v, &mut model, 20);
     v.revert_to("V1").unwrap();
     model.clone_from(&m1);
     let mut points = vec![("V1".to_owned(), m1.clone()), ("V2".to_owned(), m2.clone())];
     check_everything(&tmp, &mut v, &model, &points);
     // Now a tree: V1's file has two children (V2's file and the top).
-    for _ in 0..20 {
-        random_write(&mut rng, &mut v, &mut model, 100_000);
-    }
+    random_writes(&mut rng, &mut v, &mut model, 20);
     v.create_boot_point("V3").unwrap();
     points.push(("V3".to_owned(), model.clone()));
     v.revert_to("V2").unwrap();
@@ -692,18 +691,12 @@ fn an_interrupted_merge_finishes_on_open() {
     let mut rng = StdRng::seed_from_u64(6);
     let mut model = vec![0u8; SIZE as usize];
     let mut v = Vhdx::create(&tmp.dir(), "web.vhdx", SIZE).unwrap();
-    for _ in 0..20 {
-        random_write(&mut rng, &mut v, &mut model, 100_000);
-    }
+    random_writes(&mut rng, &mut v, &mut model, 20);
     v.create_boot_point("V1").unwrap();
-    for _ in 0..20 {
-        random_write(&mut rng, &mut v, &mut model, 100_000);
-    }
+    random_writes(&mut rng, &mut v, &mut model, 20);
     v.create_boot_point("V2").unwrap();
     let m2 = model.clone();
-    for _ in 0..20 {
-        random_write(&mut rng, &mut v, &mut model, 100_000);
-    }
+    random_writes(&mut rng, &mut v, &mut model, 20);
     v.flush().unwrap();
     // Do by hand what merge_oldest does, up to the crash.
     v.state.boot_points.remove(0);
