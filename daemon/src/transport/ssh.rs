@@ -777,6 +777,11 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(&sockets).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700, "the sockets' directory is private");
+        assert_eq!(
+            dest(&opts).command("true").get_current_dir(),
+            Some(Path::new("/")),
+            "a kept connection must not hold the job's working directory"
+        );
 
         // The same job again shares it; anything that changes how the
         // connection is made or checked does not.
