@@ -671,12 +671,15 @@ fn a_boot_point_of_two_disks_is_one_instant_of_both() {
     };
     let seeded = both(&[]);
     assert_eq!(seeded.as_array().map(Vec::len), Some(2), "{seeded}");
-    // A writer counts on disk A, then on disk B, each write made durable.
-    // At one instant of both, B holds A's number or the one before it;
-    // freezes of each disk at its own time would be far apart.
+    // A writer counts on disk A, then on disk B, each number put in place
+    // whole (written aside, then renamed: `echo > counter` would leave it
+    // empty for an instant a freeze can catch) and made durable. At one
+    // instant of both, B holds A's number or the one before it; freezes of
+    // each disk at its own time would be far apart.
     let script = format!(
-        "i=0; while :; do i=$((i+1)); echo $i > {a}/counter; sync {a}/counter; \
-         echo $i > {b}/counter; sync {b}/counter; done",
+        "i=0; while :; do i=$((i+1)); \
+         echo $i > {a}/counter.new; mv {a}/counter.new {a}/counter; sync {a}/counter; \
+         echo $i > {b}/counter.new; mv {b}/counter.new {b}/counter; sync {b}/counter; done",
         a = a.dir.display(),
         b = b.dir.display()
     );
