@@ -2,6 +2,7 @@
 
 use std::{
     io::{IsTerminal, Write},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     process::ExitCode,
     sync::Arc,
@@ -578,6 +579,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cmd = match cli.command {
         Command::Track(cmd) => cmd,
         Command::Agent { root } => {
+            // Over SSH, stdin is sshd's pipe: at 1 MiB rather than 64 KiB,
+            // sshd runs ahead of the agent's writes instead of waiting on
+            // it every few frames (best effort; any other stdin is left be).
+            ferry::sys::fd::grow_pipe(std::io::stdin().as_fd(), 1 << 20);
             let stdin = std::io::stdin().lock();
             let stdout = std::io::stdout().lock();
             agent::serve(&root, stdin, stdout)?;

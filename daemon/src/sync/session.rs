@@ -4,6 +4,7 @@
 
 use std::{
     io::{self, BufWriter, Write},
+    os::unix::net::UnixStream,
     sync::Arc,
     thread::JoinHandle,
 };
@@ -30,7 +31,7 @@ const SEND_BUFFER: usize = 256 << 10;
 pub struct Session {
     /// Flushed before every wait for a reply ([`Session::recv`]) and
     /// whenever the sender has nothing more ready ([`Session::flush`]).
-    tx: Option<BufWriter<io::PipeWriter>>,
+    tx: Option<BufWriter<UnixStream>>,
     replies: Receiver<Result<Message, ProtocolError>>,
     /// Replies `check` saw early, kept for `recv` in order.
     early: std::collections::VecDeque<Message>,
@@ -118,7 +119,7 @@ impl Session {
     fn write(
         &mut self,
         len: u64,
-        put: impl FnOnce(&mut BufWriter<io::PipeWriter>) -> io::Result<()>,
+        put: impl FnOnce(&mut BufWriter<UnixStream>) -> io::Result<()>,
     ) -> Result<(), SyncError> {
         // An error the agent already sent explains a failed write better.
         self.check()?;

@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use super::{pipe, Link, LinkEnd, TransportError};
+use super::{pipe, to_agent, Link, LinkEnd, TransportError};
 
 pub fn start(root: &Path) -> Result<Link, TransportError> {
-    let (to_agent_rx, to_agent_tx) = pipe()?;
+    let (to_agent_rx, to_agent_tx) = to_agent()?;
     let (from_agent_rx, from_agent_tx) = pipe()?;
     let root = root.to_owned();
     let worker = std::thread::Builder::new()

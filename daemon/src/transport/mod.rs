@@ -20,6 +20,7 @@ pub mod url;
 
 use std::{
     io::{PipeReader, PipeWriter},
+    os::unix::net::UnixStream,
     thread::JoinHandle,
 };
 
@@ -109,8 +110,9 @@ pub struct LinkEnd {
 
 /// Byte streams to and from one agent session.
 pub struct Link {
-    /// Frames to the agent. Dropping it tells the agent the session is over.
-    pub tx: PipeWriter,
+    /// Frames to the agent (see [`to_agent`]). Dropping it tells the agent
+    /// the session is over.
+    pub tx: UnixStream,
     /// Frames from the agent; EOF when the session is over.
     pub rx: PipeReader,
     pub worker: JoinHandle<Result<LinkEnd, TransportError>>,
@@ -139,6 +141,28 @@ pub fn connect(url: &TargetUrl, opts: &ConnectOptions) -> Result<Link, Transport
         }
     }
 }
+
+/// The stream that carries frames to the agent: the agent's end (or
+/// `ssh`'s stdin) and ours. A socket pair rather than a pipe, because a pipe
+/// wakes its writer every time the reader takes from it while it is full:
+/// a sender that outruns `ssh` would be woken (on the other core) for each
+/// few KiB `ssh` reads. A socket wakes its writer only once the reader has
+/// taken three quarters of the send buffer.
+fn to_agent() -> Result<(UnixStream, UnixStream), TransportError> {
+    let (theirs, ours) = UnixStream::pair().map_err(|source| TransportError::Io {
+        op: "create socket pair",
+        source,
+    })?;
+    use std::os::fd::AsFd;
+    crate::sys::fd::grow_send_buffer(ours.as_fd(), TO_AGENT_BUFFER);
+    // The other way carries nothing: the agent's replies take their own pipe.
+    let _ = theirs.shutdown(std::net::Shutdown::Write);
+    Ok((theirs, ours))
+}
+
+/// Send buffer asked for frames to the agent (the kernel doubles it for its
+/// bookkeeping). Pipes to and from the agent get 1 MiB.
+const TO_AGENT_BUFFER: usize = 1 << 20;
 
 fn pipe() -> Result<(PipeReader, PipeWriter), TransportError> {
     let (r, w) = std::io::pipe().map_err(|source| TransportError::Io {

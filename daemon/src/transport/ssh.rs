@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use super::{pipe, push, Link, LinkEnd, TransportError};
+use super::{pipe, push, to_agent, Link, LinkEnd, TransportError};
 
 /// Environment variable a password may come from.
 pub const PASSWORD_ENV: &str = "FERRY_SSH_PASSWORD";
@@ -476,7 +476,7 @@ enum Started {
 const MAX_BANNER: usize = 128;
 
 fn try_start(dest: &Destination, root: &Path, promote: bool) -> Result<Started, TransportError> {
-    let (to_agent_rx, to_agent_tx) = pipe()?;
+    let (to_agent_rx, to_agent_tx) = to_agent()?;
     let (mut from_agent_rx, from_agent_tx) = pipe()?;
     let (err_rx, err_tx) = pipe()?;
     let mut cmd = dest.command(&push::launcher(root, promote)?);
