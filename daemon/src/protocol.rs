@@ -518,8 +518,15 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Option<Message>, ProtocolError
         }
         let mut prefix = [0u8; DATA_PREFIX_LEN];
         read_exact(r, &mut prefix)?;
-        let mut bytes = vec![0; len as usize - DATA_PREFIX_LEN];
-        read_exact(r, &mut bytes)?;
+        // Not `vec![0; n]`: zeroing a megabyte only to overwrite it costs
+        // as much as hashing it.
+        let want = len as usize - DATA_PREFIX_LEN;
+        let mut bytes = Vec::with_capacity(want);
+        match r.by_ref().take(want as u64).read_to_end(&mut bytes) {
+            Ok(n) if n == want => {}
+            Ok(_) => return Err(ProtocolError::Truncated),
+            Err(source) => return Err(ProtocolError::Io { source }),
+        }
         let raw = prefix[DATA_CODEC_AT] == Codec::Raw as u8;
         let covered: &[&[u8]] = if raw { &[&prefix] } else { &[&prefix, &bytes] };
         if payload_checksum(seed, covered) != checksum {

@@ -305,14 +305,35 @@ impl Reader {
                 .send(Ok(Piece::Zero { offset, len }))
                 .map_err(|_| Halt::Gone)
         } else {
+            let (raw, data_hash) = copy_hashed(run);
             let job = Job {
                 offset,
-                raw: run.to_vec(),
+                raw,
+                data_hash,
                 permit: permit.split(len),
             };
             self.jobs.send(job).map_err(|_| Halt::Gone)
         }
     }
+}
+
+/// Bytes copied and then hashed at a time: small enough that the hash
+/// reads what the copy just wrote from the core's cache.
+const HASH_BLOCK: usize = 64 << 10;
+
+/// `run` copied out of the ring's buffer, and its `xxh3_64`, in one pass
+/// over memory: the run was just written by the device (or the kernel, on
+/// another core), and hashing it later on a compressor thread would read it
+/// from memory a second time.
+pub(super) fn copy_hashed(run: &[u8]) -> (Vec<u8>, u64) {
+    let mut raw = Vec::with_capacity(run.len());
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for block in run.chunks(HASH_BLOCK) {
+        let at = raw.len();
+        raw.extend_from_slice(block);
+        hasher.update(&raw[at..]);
+    }
+    (raw, hasher.digest())
 }
 
 /// Whether every byte is zero; ORs 64-byte blocks, which vectorises.
@@ -336,6 +357,33 @@ mod tests {
         let reads: Vec<Extent> = Reads::new(extents, 8192).collect();
         assert_eq!(reads, vec![e(0, 8192), e(8192, 4096), e(65536, 5096)]);
         assert_eq!(Reads::new(vec![], 8192).count(), 0);
+    }
+
+    #[test]
+    fn a_copy_hashed_block_by_block_hashes_as_the_whole() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for len in [
+            0,
+            1,
+            240,
+            241,
+            4096,
+            HASH_BLOCK - 1,
+            HASH_BLOCK,
+            3 * HASH_BLOCK + 17,
+        ] {
+            let run: Vec<u8> = (0..len)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng as u8
+                })
+                .collect();
+            let (copy, hash) = copy_hashed(&run);
+            assert_eq!(copy, run, "length {len}");
+            assert_eq!(hash, xxhash_rust::xxh3::xxh3_64(&run), "length {len}");
+        }
     }
 
     #[test]
