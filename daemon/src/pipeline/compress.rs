@@ -6,14 +6,16 @@
 //! - a long run is tasted first: three 8 KiB samples (start, middle, end)
 //!   are compressed, and a run none of whose samples compresses is sent raw
 //!   without compressing the rest;
-//! - after [`STREAK`] runs in a row that did not compress, a worker sends
-//!   runs raw, trying (or tasting) one in every [`RETRY_EVERY`] again, and
-//!   trying every run again as soon as one compresses.
+//! - after [`STREAK`] short runs in a row that did not compress, a worker
+//!   sends short runs raw, trying one in every [`RETRY_EVERY`] again, and
+//!   every one as soon as one compresses.
 //!
 //! On random or encrypted data this cuts the compressor's work about
-//! seven-hundredfold for long runs and sixteenfold for scattered 4 KiB
-//! writes; data that compresses anywhere a sample or a retry lands is
-//! compressed.
+//! fortyfold for long runs and sixteenfold for scattered 4 KiB writes; data
+//! that compresses anywhere a sample or a retry lands is compressed. Long
+//! runs are always tasted: skipping them after a streak, as short ones are,
+//! sent a 60%-full disk of mixed files about 15% more bytes at its seed, for 1 or
+//! 2% less CPU at 100% random churn.
 
 use std::{io, sync::Arc};
 
@@ -31,16 +33,16 @@ const SAMPLE: usize = 8 << 10;
 
 /// Runs of at least this many bytes are tasted by samples.
 const LONG: usize = 8 * SAMPLE;
-/// Runs in a row that did not compress before a worker stops trying.
+/// Short runs in a row that did not compress before a worker stops trying.
 const STREAK: u32 = 8;
-/// While it has stopped, a worker still tries one run in this many.
+/// While it has stopped, a worker still tries one short run in this many.
 const RETRY_EVERY: u32 = 16;
 
 /// One worker's compressor and what it learnt about the data.
 pub(super) struct Zstd {
     compressor: Compressor<'static>,
     scratch: Vec<u8>,
-    /// Runs in a row that did not compress (or were not tried).
+    /// Short runs in a row that did not compress (or were not tried).
     misses: u32,
     /// Calls into zstd, samples included.
     squeezes: u64,
@@ -58,15 +60,17 @@ impl Zstd {
 
     /// `raw` compressed, or `None` when that would not save 5%.
     fn compress(&mut self, raw: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        if raw.len() >= LONG {
+            if !self.samples_compress(raw)? {
+                return Ok(None);
+            }
+            return self.whole(raw);
+        }
         if self.misses >= STREAK && !self.misses.is_multiple_of(RETRY_EVERY) {
             self.misses += 1;
             return Ok(None);
         }
-        let out = if raw.len() < LONG || self.samples_compress(raw)? {
-            self.whole(raw)?
-        } else {
-            None
-        };
+        let out = self.whole(raw)?;
         self.misses = if out.is_some() { 0 } else { self.misses + 1 };
         Ok(out)
     }
@@ -281,40 +285,42 @@ mod tests {
     }
 
     #[test]
-    fn a_streak_of_incompressible_runs_stops_the_tries_until_data_compresses() {
-        for len in [4096, 4 * LONG] {
-            let mut z = Zstd::new(1).unwrap();
-            let mut random = vec![0; len];
-            let mut tried = 0;
-            for _ in 0..STREAK + 2 * RETRY_EVERY {
-                rand::thread_rng().fill_bytes(&mut random);
-                let before = z.squeezes;
-                assert!(z.compress(&random).unwrap().is_none());
-                if z.squeezes > before {
-                    tried += 1;
-                }
-            }
-            assert_eq!(
-                tried,
-                STREAK + 2,
-                "{len}-byte runs: all until the streak, then one per RETRY_EVERY"
-            );
-            // Compressible data is found at the next retry and ends the
-            // streak: every run is tried again.
-            let text = vec![b'a'; len];
-            let found = (0..RETRY_EVERY).find(|_| z.compress(&text).unwrap().is_some());
-            assert!(
-                found.is_some(),
-                "{len}-byte runs: a retry must land within RETRY_EVERY"
-            );
-            assert_eq!(z.misses, 0);
+    fn a_streak_of_incompressible_short_runs_stops_the_tries_until_data_compresses() {
+        let mut z = Zstd::new(1).unwrap();
+        let mut random = vec![0; 4096];
+        let mut tried = 0;
+        for _ in 0..STREAK + 2 * RETRY_EVERY {
+            rand::thread_rng().fill_bytes(&mut random);
             let before = z.squeezes;
             assert!(z.compress(&random).unwrap().is_none());
-            assert!(
-                z.squeezes > before,
-                "{len}-byte runs: tried again after a hit"
-            );
+            if z.squeezes > before {
+                tried += 1;
+            }
         }
+        assert_eq!(
+            tried,
+            STREAK + 2,
+            "all until the streak, then one per RETRY_EVERY"
+        );
+        // Long runs are still tasted during the streak.
+        let mut long = vec![0; 4 * LONG];
+        rand::thread_rng().fill_bytes(&mut long);
+        let before = z.squeezes;
+        assert!(z.compress(&long).unwrap().is_none());
+        assert_eq!(
+            z.squeezes - before,
+            3,
+            "a long run is tasted by three samples"
+        );
+        // Compressible data is found at the next retry and ends the streak:
+        // every short run is tried again.
+        let text = vec![b'a'; 4096];
+        let found = (0..RETRY_EVERY).find(|_| z.compress(&text).unwrap().is_some());
+        assert!(found.is_some(), "a retry must land within RETRY_EVERY runs");
+        assert_eq!(z.misses, 0);
+        let before = z.squeezes;
+        assert!(z.compress(&random).unwrap().is_none());
+        assert!(z.squeezes > before, "tried again after a hit");
     }
 
     #[test]
