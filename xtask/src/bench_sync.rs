@@ -11,6 +11,14 @@
 //! the whole device is overwritten and a ferry incremental sync is set
 //! against the physical limit: the slower of reading the source (fio,
 //! O_DIRECT) and pushing the same bytes through `ssh 'cat > /dev/null'`.
+//! The limit writes nothing on the target; the plainest transfer that does,
+//! `dd` of the device piped into `ssh 'dd of=FILE'`, is timed beside it.
+//!
+//! The machine is shared, so the compared runs go in rounds (`--rounds`, 3):
+//! churn, ferry, rsync; and overwrite, ferry, the limit, dd. ferry and its
+//! baselines share the same moments, and the medians are reported. The
+//! first overwrite is timed on its own: it also fills the thin image's
+//! holes.
 //!
 //! ferry keeps its SSH connection open for the next job (`--ssh-persist`),
 //! so the incremental runs over the seed's connection; the same churn is
@@ -53,6 +61,11 @@ pub struct SyncArgs {
     /// ferry's tracking chunk size
     #[arg(long, value_name = "SIZE", default_value = "64K")]
     chunk_size: String,
+    /// Rounds of each comparison (churn, ferry, rsync; and overwrite, ferry,
+    /// ssh 'cat > /dev/null', dd | ssh dd); the median of each is reported
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=9))]
+    rounds: u32,
     /// When a measurement or check fails, carry on with the rest and fail at
     /// the end
     #[arg(long)]
@@ -130,26 +143,35 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         .run()?;
 
     let mut rng = Rng::new(SEED ^ 0xc4);
-    let blocks = workload::churn_blocks(&mut rng, bytes, args.churn_percent);
     let churn = format!("{}% churn", args.churn_percent);
-    util::step(&format!(
-        "{churn}: writing {} random 4 KiB blocks at random places of {device} (O_DIRECT)",
-        blocks.len()
-    ));
-    workload::write_blocks(&device, &blocks, &mut rng)?;
-
     let mut runner = Runner {
         keep_going: args.keep_going,
         failures: Vec::new(),
     };
-    util::step(&format!("{churn}: ferry incremental sync over ssh"));
-    let ferry_churn = image.incremental(&mut runner, &rig, &device, &source, "the churn")?;
-
-    util::step(&format!(
-        "{churn}: rsync --inplace --no-whole-file of the backing file over the same sshd"
-    ));
-    let rsync = runner.attempt("rsync", || rsync(&sshd, &source, &rsync_copy))?;
+    // In rounds, as the steady state below: each round's rsync brings its
+    // copy up to date with that round's churn, as ferry does its image.
+    let (mut ferry_churns, mut rsyncs) = (Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        let of = format!("round {round} of {}", args.rounds);
+        let blocks = workload::churn_blocks(&mut rng, bytes, args.churn_percent);
+        util::step(&format!(
+            "{churn}, {of}: writing {} random 4 KiB blocks at random places of {device} \
+             (O_DIRECT)",
+            blocks.len()
+        ));
+        workload::write_blocks(&device, &blocks, &mut rng)?;
+        util::step(&format!("{churn}, {of}: ferry incremental sync over ssh"));
+        let after = format!("the churn of {of}");
+        ferry_churns.extend(image.incremental(&mut runner, &rig, &device, &source, &after)?);
+        util::step(&format!(
+            "{churn}, {of}: rsync --inplace --no-whole-file of the backing file over the same \
+             sshd"
+        ));
+        rsyncs.extend(runner.attempt("rsync", || rsync(&sshd, &source, &rsync_copy))?);
+    }
     remove_file(&rsync_copy)?;
+    let ferry_churn = median(ferry_churns.iter().map(Timed::from).collect());
+    let rsync = median(rsyncs);
 
     util::step(&format!(
         "{churn}: a full copy of the backing file through ssh 'cat > FILE'"
@@ -176,7 +198,7 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         url: image.url.clone(),
         path: image.path.clone(),
     };
-    let ferry_cold = cold.incremental(&mut runner, &rig, &device, &source, "the second churn")?;
+    let ferry_cold = cold.incremental(&mut runner, &rig, &device, &source, "the last churn")?;
 
     util::step(&format!(
         "100% churn: overwriting all of {device} with random data (O_DIRECT)"
@@ -186,17 +208,29 @@ pub fn run(args: &SyncArgs) -> Result<()> {
     let ferry_all = image.incremental(&mut runner, &rig, &device, &source, "the overwrite")?;
     // The first overwrite also fills the thin image's holes (the chunks the
     // seed skipped as zeroes), and a fresh tmpfs page costs more to write
-    // than a used one. A second overwrite measures the steady state.
-    util::step(&format!(
-        "100% churn again: overwriting all of {device} (the image has no holes left)"
-    ));
-    workload::overwrite(&device, bytes, &mut rng)?;
-    let ferry_again =
-        image.incremental(&mut runner, &rig, &device, &source, "the second overwrite")?;
+    // than a used one. The rounds after it measure the steady state.
     util::step("physical limit: reading the source (fio, O_DIRECT, 1 MiB reads, 16 in flight)");
     let read = runner.attempt("reading the source", || read_device(&device))?;
-    util::step("physical limit: the same bytes through ssh 'cat > /dev/null'");
-    let pipe = runner.attempt("ssh throughput", || discard_over_ssh(&sshd, &source))?;
+    let (mut again, mut pipes, mut dds) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        let of = format!("round {round} of {}", args.rounds);
+        util::step(&format!(
+            "100% churn again, {of}: overwriting all of {device} (the image has no holes left)"
+        ));
+        workload::overwrite(&device, bytes, &mut rng)?;
+        let after = format!("the overwrite of {of}");
+        again.extend(image.incremental(&mut runner, &rig, &device, &source, &after)?);
+        util::step(&format!(
+            "physical limit, {of}: the same bytes through ssh 'cat > /dev/null'"
+        ));
+        pipes.extend(runner.attempt("ssh throughput", || discard_over_ssh(&sshd, &source))?);
+        util::step(&format!(
+            "the same job done plainly, {of}: dd of the device | ssh 'dd of=FILE' (no checks)"
+        ));
+        dds.extend(runner.attempt("dd over ssh", || {
+            dd_over_ssh(&sshd, &device, &image.path, bytes)
+        })?);
+    }
 
     report(&Results {
         size_mib: args.size_mib,
@@ -206,14 +240,16 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         load_before,
         load_after: load_average(),
         seed: Timed::from(&seed),
-        ferry_churn: ferry_churn.as_ref().map(Timed::from),
+        ferry_churn,
         ferry_cold: ferry_cold.as_ref().map(Timed::from),
         rsync,
         full,
         ferry_all: ferry_all.as_ref().map(Timed::from),
-        ferry_again: ferry_again.as_ref().map(Timed::from),
+        rounds: args.rounds,
+        ferry_again: median(again.iter().map(Timed::from).collect()),
         read,
-        pipe,
+        pipe: median(pipes),
+        dd: median(dds),
     });
     runner.finish()
 }
@@ -421,6 +457,13 @@ impl Timed {
     }
 }
 
+/// The run of median time (the faster middle one of an even count).
+fn median(mut runs: Vec<Timed>) -> Option<Timed> {
+    runs.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    let middle = runs.len().checked_sub(1)? / 2;
+    Some(runs.swap_remove(middle))
+}
+
 impl From<&SyncReport> for Timed {
     fn from(report: &SyncReport) -> Self {
         Self {
@@ -544,6 +587,40 @@ fn discard_over_ssh(sshd: &Sshd, source: &Path) -> Result<Timed> {
     })
 }
 
+/// `dd` of the device (O_DIRECT, 1 MiB blocks) piped into `ssh HOST 'dd
+/// of=DEST conv=notrunc'`: what a 100% churn sync does (read, ship, write),
+/// without checksums, commit or fsync. DEST is the standby image, which the
+/// second overwrite left with every page written: a fresh file here would
+/// time the host handing out new memory. Then checks the copy.
+fn dd_over_ssh(sshd: &Sshd, device: &str, dest: &Path, bytes: u64) -> Result<Timed> {
+    let remote = format!(
+        "dd of={} bs=1M iflag=fullblock conv=notrunc status=none",
+        shell_quote(&dest.to_string_lossy())
+    );
+    let secs = timed_shell(&format!(
+        "dd if={} iflag=direct bs=1M status=none | {} root@{HOST} {}",
+        shell_quote(device),
+        sshd.ssh_command(),
+        shell_quote(&remote)
+    ))?;
+    say!(
+        "{} in {secs:.2} s ({:.0} MiB/s)",
+        mib(bytes),
+        bytes as f64 / secs / f64::from(1 << 20)
+    );
+    Cmd::new("cmp")
+        .arg(device)
+        .arg(dest)
+        .output()
+        .context("dd's copy does not match the source")?;
+    say!("dd's copy is identical to the source");
+    Ok(Timed {
+        secs,
+        covered: bytes,
+        wire: Some(bytes),
+    })
+}
+
 /// Sequential O_DIRECT read of the whole device, as fast as fio can.
 fn read_device(device: &str) -> Result<Timed> {
     let output = Cmd::new("fio")
@@ -598,9 +675,14 @@ struct Results<'a> {
     rsync: Option<Timed>,
     full: Option<Timed>,
     ferry_all: Option<Timed>,
+    /// Rounds of the 1% churn and of the steady state: `ferry_churn`,
+    /// `rsync`, `ferry_again`, `pipe` and `dd` are medians of them.
+    rounds: u32,
     ferry_again: Option<Timed>,
     read: Option<Timed>,
     pipe: Option<Timed>,
+    /// `dd | ssh dd`: read, ship and write, plainly.
+    dd: Option<Timed>,
 }
 
 fn met(ok: bool) -> &'static str {
@@ -650,26 +732,24 @@ fn report(r: &Results<'_>) {
         None => say!("{label:<42} {:>9}", "failed"),
     };
     row("seed: ferry over ssh", Some(&r.seed));
+    say!("{}, median of {} rounds:", r.churn, r.rounds);
+    row("  ferry incremental", r.ferry_churn.as_ref());
+    row("  rsync --inplace --no-whole-file", r.rsync.as_ref());
+    say!("{}, once:", r.churn);
+    row("  ferry over a new ssh connection", r.ferry_cold.as_ref());
+    row("  full copy, ssh 'cat > FILE'", r.full.as_ref());
     row(
-        &format!("{}: ferry incremental", r.churn),
-        r.ferry_churn.as_ref(),
+        "100% churn: ferry, filling the image's holes",
+        r.ferry_all.as_ref(),
     );
-    row(
-        &format!("{}: the same, new ssh connection", r.churn),
-        r.ferry_cold.as_ref(),
-    );
-    row(
-        &format!("{}: rsync --inplace --no-whole-file", r.churn),
-        r.rsync.as_ref(),
-    );
-    row(
-        &format!("{}: full copy, ssh 'cat > FILE'", r.churn),
-        r.full.as_ref(),
-    );
-    row("100% churn: ferry incremental", r.ferry_all.as_ref());
-    row("100% churn again (no holes left)", r.ferry_again.as_ref());
     row("source read, fio O_DIRECT", r.read.as_ref());
-    row("same bytes, ssh 'cat > /dev/null'", r.pipe.as_ref());
+    say!(
+        "100% churn again (no holes left), median of {} rounds:",
+        r.rounds
+    );
+    row("  ferry incremental", r.ferry_again.as_ref());
+    row("  same bytes, ssh 'cat > /dev/null'", r.pipe.as_ref());
+    row("  same bytes, dd | ssh 'dd of=FILE'", r.dd.as_ref());
     say!("");
 
     let time_ratio = |slow: Option<&Timed>| match (slow, r.ferry_churn.as_ref()) {
@@ -706,8 +786,11 @@ fn report(r: &Results<'_>) {
         _ => None,
     };
     for (label, ferry) in [
-        ("ferry at 100% churn / physical limit", r.ferry_all.as_ref()),
-        ("the same, again (no holes left)", r.ferry_again.as_ref()),
+        (
+            "ferry at 100% churn / physical limit",
+            r.ferry_again.as_ref(),
+        ),
+        ("the same, filling the image's holes", r.ferry_all.as_ref()),
     ] {
         match (ferry, limit) {
             (Some(ferry), Some((limit, by))) => {
@@ -723,11 +806,35 @@ fn report(r: &Results<'_>) {
             _ => say!("{label}: not measured   goal >= {GOAL_LIMIT_RATIO}: NOT met"),
         }
     }
+    if let (Some(ferry), Some(dd)) = (r.ferry_again.as_ref(), r.dd.as_ref()) {
+        say!(
+            "{:<42} {:>9.2}",
+            "ferry at 100% churn / dd | ssh dd",
+            ferry.throughput() / dd.throughput()
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn median_is_the_middle_run_by_time() {
+        let run = |secs| Timed {
+            secs,
+            covered: 1,
+            wire: None,
+        };
+        let secs = |runs: Vec<Timed>| median(runs).map(|t| t.secs);
+        assert_eq!(secs(vec![]), None);
+        assert_eq!(secs(vec![run(3.0)]), Some(3.0));
+        assert_eq!(secs(vec![run(9.0), run(1.0), run(4.0)]), Some(4.0));
+        assert_eq!(
+            secs(vec![run(9.0), run(1.0), run(4.0), run(2.0)]),
+            Some(2.0)
+        );
+    }
 
     #[test]
     fn rsync_stats_with_and_without_thousands_separators() {
