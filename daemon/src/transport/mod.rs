@@ -1,8 +1,9 @@
 //! Reaching the target agent. A [`Link`] is a pair of byte streams to and
 //! from one agent session, plus the worker that carries them:
 //!
-//! - `file://` runs the agent in this process, on a thread joined by two
-//!   pipes: no network, the same agent code as a remote target;
+//! - `file://` runs the agent in this process, on a thread joined by a
+//!   socket pair and a pipe: no network, the same agent code as a remote
+//!   target;
 //! - `ssh://` runs `ferry agent` on the target over an SSH exec channel
 //!   (the OpenSSH client). The host key is always checked against
 //!   known_hosts. If the target has no ferry of this version, ferry pushes
