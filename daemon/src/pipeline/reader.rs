@@ -361,8 +361,8 @@ mod tests {
 
     #[test]
     fn a_copy_hashed_block_by_block_hashes_as_the_whole() {
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        for len in [
+        use rand::RngCore;
+        let lens = [
             0,
             1,
             240,
@@ -371,15 +371,10 @@ mod tests {
             HASH_BLOCK - 1,
             HASH_BLOCK,
             3 * HASH_BLOCK + 17,
-        ] {
-            let run: Vec<u8> = (0..len)
-                .map(|_| {
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    rng as u8
-                })
-                .collect();
+        ];
+        for len in lens {
+            let mut run = vec![0; len];
+            rand::thread_rng().fill_bytes(&mut run);
             let (copy, hash) = copy_hashed(&run);
             assert_eq!(copy, run, "length {len}");
             assert_eq!(hash, xxhash_rust::xxh3::xxh3_64(&run), "length {len}");
