@@ -134,25 +134,27 @@ pub fn run(args: &SyncArgs) -> Result<()> {
     let seed = image.sync(&rig, &device)?;
     expect_mode(&seed, "seed")?;
 
-    util::step("copying the backing file for rsync to update: the source before the churn");
     let rsync_copy = target_dir.join("rsync.img");
-    Cmd::new("cp")
-        .arg("--sparse=always")
-        .arg(&source)
-        .arg(&rsync_copy)
-        .run()?;
-
     let mut rng = Rng::new(SEED ^ 0xc4);
     let churn = format!("{}% churn", args.churn_percent);
     let mut runner = Runner {
         keep_going: args.keep_going,
         failures: Vec::new(),
     };
-    // In rounds, as the steady state below: each round's rsync brings its
-    // copy up to date with that round's churn, as ferry does its image.
+    // In rounds, as the steady state below. Each round repeats the same
+    // experiment: rsync updates a fresh copy of the source taken just
+    // before that round's churn, as ferry updates its image.
     let (mut ferry_churns, mut rsyncs) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         let of = format!("round {round} of {}", args.rounds);
+        util::step(&format!(
+            "{of}: copying the backing file for rsync to update: the source before the churn"
+        ));
+        Cmd::new("cp")
+            .arg("--sparse=always")
+            .arg(&source)
+            .arg(&rsync_copy)
+            .run()?;
         let blocks = workload::churn_blocks(&mut rng, bytes, args.churn_percent);
         util::step(&format!(
             "{churn}, {of}: writing {} random 4 KiB blocks at random places of {device} \
@@ -168,9 +170,17 @@ pub fn run(args: &SyncArgs) -> Result<()> {
              sshd"
         ));
         rsyncs.extend(runner.attempt("rsync", || rsync(&sshd, &source, &rsync_copy))?);
+        remove_file(&rsync_copy)?;
     }
-    remove_file(&rsync_copy)?;
-    let ferry_churn = median(ferry_churns.iter().map(Timed::from).collect());
+    let ferry_churns: Vec<Timed> = ferry_churns.iter().map(Timed::from).collect();
+    let mut spread = vec![
+        (
+            format!("{churn}, ferry incremental"),
+            seconds(&ferry_churns),
+        ),
+        (format!("{churn}, rsync"), seconds(&rsyncs)),
+    ];
+    let ferry_churn = median(ferry_churns);
     let rsync = median(rsyncs);
 
     util::step(&format!(
@@ -232,6 +242,12 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         })?);
     }
 
+    let again: Vec<Timed> = again.iter().map(Timed::from).collect();
+    spread.extend([
+        ("100% churn again, ferry".to_owned(), seconds(&again)),
+        ("ssh 'cat > /dev/null'".to_owned(), seconds(&pipes)),
+        ("dd | ssh dd".to_owned(), seconds(&dds)),
+    ]);
     report(&Results {
         size_mib: args.size_mib,
         chunk_size: &args.chunk_size,
@@ -246,10 +262,11 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         full,
         ferry_all: ferry_all.as_ref().map(Timed::from),
         rounds: args.rounds,
-        ferry_again: median(again.iter().map(Timed::from).collect()),
+        ferry_again: median(again),
         read,
         pipe: median(pipes),
         dd: median(dds),
+        spread,
     });
     runner.finish()
 }
@@ -455,6 +472,11 @@ impl Timed {
     fn throughput(&self) -> f64 {
         self.covered as f64 / self.secs
     }
+}
+
+/// The seconds of each run, in order.
+fn seconds(runs: &[Timed]) -> Vec<f64> {
+    runs.iter().map(|t| t.secs).collect()
 }
 
 /// The run of median time (the faster middle one of an even count).
@@ -683,6 +705,8 @@ struct Results<'a> {
     pipe: Option<Timed>,
     /// `dd | ssh dd`: read, ship and write, plainly.
     dd: Option<Timed>,
+    /// Each round's seconds, per compared run.
+    spread: Vec<(String, Vec<f64>)>,
 }
 
 fn met(ok: bool) -> &'static str {
@@ -750,6 +774,12 @@ fn report(r: &Results<'_>) {
     row("  ferry incremental", r.ferry_again.as_ref());
     row("  same bytes, ssh 'cat > /dev/null'", r.pipe.as_ref());
     row("  same bytes, dd | ssh 'dd of=FILE'", r.dd.as_ref());
+    say!("");
+    say!("seconds of each round:");
+    for (label, secs) in &r.spread {
+        let secs: Vec<String> = secs.iter().map(|s| format!("{s:.2}")).collect();
+        say!("  {label:<40} {}", secs.join("  "));
+    }
     say!("");
 
     let time_ratio = |slow: Option<&Timed>| match (slow, r.ferry_churn.as_ref()) {
