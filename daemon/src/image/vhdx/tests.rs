@@ -495,6 +495,19 @@ fn poke(tmp: &TempDir, file: &str, at: u64, bytes: &[u8]) {
     fh.write_all_at(bytes, at).unwrap();
 }
 
+/// Inverts the byte at `at`: damage that is damage whatever was there (a
+/// fixed value would leave a byte that already held it intact).
+fn flip(tmp: &TempDir, file: &str, at: u64) {
+    let fh = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tmp.path(file))
+        .unwrap();
+    let mut byte = [0u8];
+    fh.read_exact_at(&mut byte, at).unwrap();
+    fh.write_all_at(&[!byte[0]], at).unwrap();
+}
+
 fn copy_of(tmp: &TempDir, from: &str, to: &str) {
     std::fs::copy(tmp.path(from), tmp.path(to)).unwrap();
 }
@@ -513,10 +526,11 @@ fn damaged_files_are_refused() {
 
     // One damaged header: the other one carries on.
     copy_of(&tmp, "good.vhdx", "one.vhdx");
-    poke(&tmp, "one.vhdx", f::HEADER_OFFSETS[0] + 30, &[0xEE]);
+    // Byte 30 is in the header's random FileWriteGuid.
+    flip(&tmp, "one.vhdx", f::HEADER_OFFSETS[0] + 30);
     open("one.vhdx").unwrap();
     // Both: refused.
-    poke(&tmp, "one.vhdx", f::HEADER_OFFSETS[1] + 30, &[0xEE]);
+    flip(&tmp, "one.vhdx", f::HEADER_OFFSETS[1] + 30);
     assert!(is_corrupt(open("one.vhdx")));
 
     copy_of(&tmp, "good.vhdx", "sig.vhdx");
@@ -525,7 +539,7 @@ fn damaged_files_are_refused() {
 
     copy_of(&tmp, "good.vhdx", "regions.vhdx");
     for at in f::REGION_TABLE_OFFSETS {
-        poke(&tmp, "regions.vhdx", at + 20, &[0xEE]);
+        flip(&tmp, "regions.vhdx", at + 20);
     }
     assert!(is_corrupt(open("regions.vhdx")));
 
