@@ -164,7 +164,8 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         workload::write_blocks(&device, &blocks, &mut rng)?;
         util::step(&format!("{churn}, {of}: ferry incremental sync over ssh"));
         let after = format!("the churn of {of}");
-        ferry_churns.extend(image.incremental(&mut runner, &rig, &device, &source, &after)?);
+        let report = image.incremental(&mut runner, &rig, &device, &source, &after)?;
+        ferry_churns.extend(report.as_ref().map(Timed::from));
         util::step(&format!(
             "{churn}, {of}: rsync --inplace --no-whole-file of the backing file over the same \
              sshd"
@@ -172,16 +173,6 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         rsyncs.extend(runner.attempt("rsync", || rsync(&sshd, &source, &rsync_copy))?);
         remove_file(&rsync_copy)?;
     }
-    let ferry_churns: Vec<Timed> = ferry_churns.iter().map(Timed::from).collect();
-    let mut spread = vec![
-        (
-            format!("{churn}, ferry incremental"),
-            seconds(&ferry_churns),
-        ),
-        (format!("{churn}, rsync"), seconds(&rsyncs)),
-    ];
-    let ferry_churn = median(ferry_churns);
-    let rsync = median(rsyncs);
 
     util::step(&format!(
         "{churn}: a full copy of the backing file through ssh 'cat > FILE'"
@@ -229,7 +220,8 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         ));
         workload::overwrite(&device, bytes, &mut rng)?;
         let after = format!("the overwrite of {of}");
-        again.extend(image.incremental(&mut runner, &rig, &device, &source, &after)?);
+        let report = image.incremental(&mut runner, &rig, &device, &source, &after)?;
+        again.extend(report.as_ref().map(Timed::from));
         util::step(&format!(
             "physical limit, {of}: the same bytes through ssh 'cat > /dev/null'"
         ));
@@ -242,12 +234,6 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         })?);
     }
 
-    let again: Vec<Timed> = again.iter().map(Timed::from).collect();
-    spread.extend([
-        ("100% churn again, ferry".to_owned(), seconds(&again)),
-        ("ssh 'cat > /dev/null'".to_owned(), seconds(&pipes)),
-        ("dd | ssh dd".to_owned(), seconds(&dds)),
-    ]);
     report(&Results {
         size_mib: args.size_mib,
         chunk_size: &args.chunk_size,
@@ -256,17 +242,16 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         load_before,
         load_after: load_average(),
         seed: Timed::from(&seed),
-        ferry_churn,
+        ferry_churn: ferry_churns,
         ferry_cold: ferry_cold.as_ref().map(Timed::from),
-        rsync,
+        rsync: rsyncs,
         full,
         ferry_all: ferry_all.as_ref().map(Timed::from),
         rounds: args.rounds,
-        ferry_again: median(again),
+        ferry_again: again,
         read,
-        pipe: median(pipes),
-        dd: median(dds),
-        spread,
+        pipe: pipes,
+        dd: dds,
     });
     runner.finish()
 }
@@ -474,16 +459,12 @@ impl Timed {
     }
 }
 
-/// The seconds of each run, in order.
-fn seconds(runs: &[Timed]) -> Vec<f64> {
-    runs.iter().map(|t| t.secs).collect()
-}
-
 /// The run of median time (the faster middle one of an even count).
-fn median(mut runs: Vec<Timed>) -> Option<Timed> {
+fn median(runs: &[Timed]) -> Option<&Timed> {
+    let mut runs: Vec<&Timed> = runs.iter().collect();
     runs.sort_by(|a, b| a.secs.total_cmp(&b.secs));
     let middle = runs.len().checked_sub(1)? / 2;
-    Some(runs.swap_remove(middle))
+    Some(runs[middle])
 }
 
 impl From<&SyncReport> for Timed {
@@ -691,22 +672,21 @@ struct Results<'a> {
     load_before: String,
     load_after: String,
     seed: Timed,
-    ferry_churn: Option<Timed>,
+    /// Rounds asked for. `ferry_churn`, `rsync`, `ferry_again`, `pipe` and
+    /// `dd` hold a run per round (fewer where one failed); the report shows
+    /// their medians.
+    rounds: u32,
+    ferry_churn: Vec<Timed>,
+    rsync: Vec<Timed>,
     /// The same churn, over a new SSH connection.
     ferry_cold: Option<Timed>,
-    rsync: Option<Timed>,
     full: Option<Timed>,
     ferry_all: Option<Timed>,
-    /// Rounds of the 1% churn and of the steady state: `ferry_churn`,
-    /// `rsync`, `ferry_again`, `pipe` and `dd` are medians of them.
-    rounds: u32,
-    ferry_again: Option<Timed>,
+    ferry_again: Vec<Timed>,
     read: Option<Timed>,
-    pipe: Option<Timed>,
+    pipe: Vec<Timed>,
     /// `dd | ssh dd`: read, ship and write, plainly.
-    dd: Option<Timed>,
-    /// Each round's seconds, per compared run.
-    spread: Vec<(String, Vec<f64>)>,
+    dd: Vec<Timed>,
 }
 
 fn met(ok: bool) -> &'static str {
@@ -718,6 +698,11 @@ fn met(ok: bool) -> &'static str {
 }
 
 fn report(r: &Results<'_>) {
+    let ferry_churn = median(&r.ferry_churn);
+    let rsync = median(&r.rsync);
+    let ferry_again = median(&r.ferry_again);
+    let pipe = median(&r.pipe);
+    let dd = median(&r.dd);
     util::step("results");
     say!(
         "source: {} MiB ext4 ({FILL_PERCENT}% full) on a loop device over /dev/shm; \
@@ -757,13 +742,13 @@ fn report(r: &Results<'_>) {
     };
     row("seed: ferry over ssh", Some(&r.seed));
     say!("{}, median of {} rounds:", r.churn, r.rounds);
-    row("  ferry incremental", r.ferry_churn.as_ref());
-    row("  rsync --inplace --no-whole-file", r.rsync.as_ref());
+    row("  ferry incremental", ferry_churn);
+    row("  rsync --inplace --no-whole-file", rsync);
     say!("{}, once:", r.churn);
     row("  ferry over a new ssh connection", r.ferry_cold.as_ref());
     row("  full copy, ssh 'cat > FILE'", r.full.as_ref());
     row(
-        "100% churn: ferry, filling the image's holes",
+        "100% churn: ferry, filling image holes",
         r.ferry_all.as_ref(),
     );
     row("source read, fio O_DIRECT", r.read.as_ref());
@@ -771,22 +756,29 @@ fn report(r: &Results<'_>) {
         "100% churn again (no holes left), median of {} rounds:",
         r.rounds
     );
-    row("  ferry incremental", r.ferry_again.as_ref());
-    row("  same bytes, ssh 'cat > /dev/null'", r.pipe.as_ref());
-    row("  same bytes, dd | ssh 'dd of=FILE'", r.dd.as_ref());
+    row("  ferry incremental", ferry_again);
+    row("  same bytes, ssh 'cat > /dev/null'", pipe);
+    row("  same bytes, dd | ssh 'dd of=FILE'", dd);
     say!("");
     say!("seconds of each round:");
-    for (label, secs) in &r.spread {
-        let secs: Vec<String> = secs.iter().map(|s| format!("{s:.2}")).collect();
+    let rounds = [
+        (format!("{}, ferry incremental", r.churn), &r.ferry_churn),
+        (format!("{}, rsync", r.churn), &r.rsync),
+        ("100% churn again, ferry".to_owned(), &r.ferry_again),
+        ("ssh 'cat > /dev/null'".to_owned(), &r.pipe),
+        ("dd | ssh dd".to_owned(), &r.dd),
+    ];
+    for (label, runs) in &rounds {
+        let secs: Vec<String> = runs.iter().map(|t| format!("{:.2}", t.secs)).collect();
         say!("  {label:<40} {}", secs.join("  "));
     }
     say!("");
 
-    let time_ratio = |slow: Option<&Timed>| match (slow, r.ferry_churn.as_ref()) {
+    let time_ratio = |slow: Option<&Timed>| match (slow, ferry_churn) {
         (Some(slow), Some(ferry)) => Some(slow.secs / ferry.secs),
         _ => None,
     };
-    match time_ratio(r.rsync.as_ref()) {
+    match time_ratio(rsync) {
         Some(ratio) => say!(
             "{:<42} {ratio:>8.1}x   goal >= {GOAL_RSYNC_RATIO}x: {}",
             format!("rsync time / ferry time at {}", r.churn),
@@ -794,7 +786,7 @@ fn report(r: &Results<'_>) {
         ),
         None => say!("rsync / ferry: not measured   goal >= {GOAL_RSYNC_RATIO}x: NOT met"),
     }
-    if let (Some(rsync), Some(cold)) = (r.rsync.as_ref(), r.ferry_cold.as_ref()) {
+    if let (Some(rsync), Some(cold)) = (rsync, r.ferry_cold.as_ref()) {
         say!(
             "{:<42} {:>8.1}x",
             "the same, ferry over a new ssh connection",
@@ -808,7 +800,7 @@ fn report(r: &Results<'_>) {
         ),
         None => say!("full copy / ferry: not measured"),
     }
-    let limit = match (r.read.as_ref(), r.pipe.as_ref()) {
+    let limit = match (r.read.as_ref(), pipe) {
         (Some(read), Some(pipe)) if read.throughput() <= pipe.throughput() => {
             Some((read.throughput(), "reading the source"))
         }
@@ -816,10 +808,7 @@ fn report(r: &Results<'_>) {
         _ => None,
     };
     for (label, ferry) in [
-        (
-            "ferry at 100% churn / physical limit",
-            r.ferry_again.as_ref(),
-        ),
+        ("ferry at 100% churn / physical limit", ferry_again),
         ("the same, filling the image's holes", r.ferry_all.as_ref()),
     ] {
         match (ferry, limit) {
@@ -836,7 +825,7 @@ fn report(r: &Results<'_>) {
             _ => say!("{label}: not measured   goal >= {GOAL_LIMIT_RATIO}: NOT met"),
         }
     }
-    if let (Some(ferry), Some(dd)) = (r.ferry_again.as_ref(), r.dd.as_ref()) {
+    if let (Some(ferry), Some(dd)) = (ferry_again, dd) {
         say!(
             "{:<42} {:>9.2}",
             "ferry at 100% churn / dd | ssh dd",
@@ -856,7 +845,7 @@ mod tests {
             covered: 1,
             wire: None,
         };
-        let secs = |runs: Vec<Timed>| median(runs).map(|t| t.secs);
+        let secs = |runs: Vec<Timed>| median(&runs).map(|t| t.secs);
         assert_eq!(secs(vec![]), None);
         assert_eq!(secs(vec![run(3.0)]), Some(3.0));
         assert_eq!(secs(vec![run(9.0), run(1.0), run(4.0)]), Some(4.0));
