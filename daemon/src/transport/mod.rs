@@ -21,7 +21,7 @@ pub mod url;
 
 use std::{
     io::{PipeReader, PipeWriter},
-    os::unix::net::UnixStream,
+    os::{fd::AsFd, unix::net::UnixStream},
     thread::JoinHandle,
 };
 
@@ -154,7 +154,6 @@ fn to_agent() -> Result<(UnixStream, UnixStream), TransportError> {
         op: "create socket pair",
         source,
     })?;
-    use std::os::fd::AsFd;
     crate::sys::fd::grow_send_buffer(ours.as_fd(), TO_AGENT_BUFFER);
     // The other way carries nothing: the agent's replies take their own pipe.
     let _ = theirs.shutdown(std::net::Shutdown::Write);
@@ -170,7 +169,6 @@ fn pipe() -> Result<(PipeReader, PipeWriter), TransportError> {
         op: "create pipe",
         source,
     })?;
-    use std::os::fd::AsFd;
     crate::sys::fd::grow_pipe(w.as_fd(), 1 << 20);
     Ok((r, w))
 }
