@@ -13,9 +13,9 @@
 //! On random or encrypted data this cuts the compressor's work about
 //! fortyfold for long runs and sixteenfold for scattered 4 KiB writes; data
 //! that compresses anywhere a sample or a retry lands is compressed. Long
-//! runs are always tasted: skipping them after a streak, as short ones are,
-//! sent a 60%-full disk of mixed files about 15% more bytes at its seed, for 1 or
-//! 2% less CPU at 100% random churn.
+//! runs are always tasted: skipping them after a streak, as short ones
+//! are, sent `cargo xtask bench sync`'s disk of mixed files about 15% more
+//! bytes at its seed, for 1 or 2% less CPU at 100% random churn.
 
 use std::{io, sync::Arc};
 
