@@ -440,26 +440,30 @@ fn parse_disk(s: &str) -> Result<(PathBuf, TargetUrl), String> {
     Ok((PathBuf::from(device), target))
 }
 
-/// `2s`, `500ms`, `1.5s`.
+/// `500ms`, `2s`, `1.5s`, `10m`, `1h`; a bare number is seconds.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
     let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
         (n, 1e-3)
     } else if let Some(n) = t.strip_suffix('s') {
         (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
     } else {
         (t, 1.0)
     };
     num.parse::<f64>()
         .ok()
-        .filter(|v| v.is_finite() && *v > 0.0)
+        .filter(|v| v.is_finite() && *v > 0.0 && v * scale < 1e9)
         .map(|v| std::time::Duration::from_secs_f64(v * scale))
-        .ok_or_else(|| format!("{s:?} is not a duration like 2s or 500ms"))
+        .ok_or_else(|| format!("{s:?} is not a duration like 500ms, 2s, 10m or 1h"))
 }
 
 /// A duration, or `0` for none.
 fn parse_persist(s: &str) -> Result<std::time::Duration, String> {
-    match s.trim().trim_end_matches('s') {
+    match s.trim().trim_end_matches(['s', 'm', 'h']) {
         "0" => Ok(std::time::Duration::ZERO),
         _ => parse_duration(s),
     }
@@ -1098,5 +1102,33 @@ fn askpass() -> ExitCode {
             eprintln!("ferry: {reason}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{parse_duration, parse_persist};
+
+    #[test]
+    fn durations_take_the_units_people_type() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration(" 2h "), Ok(Duration::from_secs(7200)));
+        for bad in ["", "0", "-1s", "ten", "5d", "1e300h", "NaNs"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("is not a duration"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_kept_connection_of_zero_means_none() {
+        for zero in ["0", "0s", "0m", "0h"] {
+            assert_eq!(parse_persist(zero), Ok(Duration::ZERO), "{zero:?}");
+        }
+        assert_eq!(parse_persist("10m"), Ok(Duration::from_secs(600)));
     }
 }
