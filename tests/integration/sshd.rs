@@ -19,6 +19,12 @@ pub struct Sshd {
 
 impl Sshd {
     pub fn start() -> Self {
+        Self::start_with_key_options("")
+    }
+
+    /// An sshd whose authorized_keys line for the test key carries
+    /// `options` (such as `command="..."`, which wraps every session).
+    pub fn start_with_key_options(options: &str) -> Self {
         let dir = PathBuf::from("/dev/shm").join(unique("ferry-sshd"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::create_dir_all("/run/sshd").unwrap();
@@ -30,7 +36,13 @@ impl Sshd {
                 .expect("ssh-keygen (openssh-client) is installed by cargo xtask setup");
             assert!(st.success(), "ssh-keygen failed");
         }
-        std::fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys")).unwrap();
+        let key = std::fs::read_to_string(dir.join("id_ed25519.pub")).unwrap();
+        let line = if options.is_empty() {
+            key
+        } else {
+            format!("{options} {key}")
+        };
+        std::fs::write(dir.join("authorized_keys"), line).unwrap();
         for attempt in 0.. {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()

@@ -377,6 +377,57 @@ fn wrong_or_unknown_host_key_is_refused() {
     assert!(same_content(&dev.backing, &image));
 }
 
+/// A login that prints before it runs the command (a message of the day,
+/// an `echo` in a shell's rc file; the second without a newline) neither
+/// breaks the binary push nor the agent's stream. The login's home is
+/// fresh, so this build is pushed.
+#[test]
+fn a_login_that_prints_first_still_syncs() {
+    if !privileged("a_login_that_prints_first_still_syncs") {
+        return;
+    }
+    let home = TempDir::new();
+    let sshd = Sshd::start_with_key_options(&format!(
+        r#"command="export HOME={}; echo Welcome to the standby host; printf 'Last backup: never'; eval \"$SSH_ORIGINAL_COMMAND\"""#,
+        home.path.display()
+    ));
+    let s = Standby::ssh(&sshd, 32 * MIB);
+    scatter(&s.dev, 7);
+    let seed = s.sync();
+    assert_eq!(seed["mode"], "seed", "{seed}");
+    assert!(s.identical(), "image differs after the seed");
+    let pushed = std::fs::read_dir(home.join(".cache/ferry"))
+        .expect("this build was pushed into the login's home")
+        .filter_map(Result::ok)
+        .any(|e| e.path().join("ferry").is_file());
+    assert!(pushed, "no pushed copy under {}", home.path.display());
+    write_random(&s.dev.path, 5 * MIB, 64 * 1024, 8);
+    let inc = s.sync();
+    assert_eq!(inc["mode"], "incremental", "{inc}");
+    assert!(s.identical(), "image differs after the incremental");
+}
+
+/// A login that refuses commands (a nologin shell) gets one line that
+/// quotes what it said, and nothing is written.
+#[test]
+fn a_login_that_refuses_commands_is_quoted() {
+    if !privileged("a_login_that_refuses_commands_is_quoted") {
+        return;
+    }
+    let sshd = Sshd::start_with_key_options(
+        r#"command="echo This account is currently not available.; exit 1""#,
+    );
+    let s = Standby::ssh(&sshd, 16 * MIB);
+    let err = s.f.fails(&s.args("sync", &[]));
+    assert!(
+        err.contains("cannot start ferry's agent")
+            && err.contains("printed \"This account is currently not available.\""),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!s.image.exists(), "nothing may be written");
+}
+
 #[test]
 fn path_escapes_are_refused() {
     if !privileged("path_escapes_are_refused") {

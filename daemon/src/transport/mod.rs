@@ -66,6 +66,8 @@ pub enum TransportError {
     NoClient,
     #[error("cannot install ferry on {host}: {reason}")]
     Push { host: String, reason: String },
+    #[error("cannot start ferry's agent on {host}: {reason}")]
+    Launch { host: String, reason: String },
     #[error("{op}")]
     Io {
         op: &'static str,

@@ -35,6 +35,11 @@ pub fn version_line() -> String {
 pub const RUNNING: &str = "ferry-launcher: agent starting";
 /// The launcher's line when the target has no ferry of this build.
 pub const MISSING: &str = "ferry-launcher: no agent";
+/// The upload's line before the copy is read back.
+const COPY_FOLLOWS: &[u8] = b"ferry-push: copy follows\n";
+
+/// Most output a login may print before the read-back copy.
+const MAX_NOISE: usize = 16 << 10;
 
 /// This binary and its SHA-256, read once per process.
 fn own_binary() -> Result<&'static (Vec<u8>, String), String> {
@@ -120,21 +125,32 @@ pub fn upload(dest: &Destination) -> Result<(), TransportError> {
     let (bytes, hash) = own_binary().map_err(push_err)?;
     let script = format!(
         "umask 077 && d={dir} && mkdir -p \"$d\" && cat > \"$d/ferry.part\" && \
-         chmod 700 \"$d/ferry.part\" && {{ {prune}; }} >/dev/null 2>&1 && cat \"$d/ferry.part\"",
+         chmod 700 \"$d/ferry.part\" && {{ {prune}; }} >/dev/null 2>&1 && \
+         printf %s {follows} && cat \"$d/ferry.part\"",
         dir = cache_dir(hash),
         prune = prune_script(),
+        follows = shell_quote(&String::from_utf8_lossy(COPY_FOLLOWS)),
     );
     let mut back = Sha256::new();
     let mut len = 0u64;
+    let mut copy = AfterMark::default();
     ssh::run(
         dest,
         &format!("exec /bin/sh -c {}", shell_quote(&script)),
         bytes,
         &mut |piece| {
-            back.update(piece);
-            len += piece.len() as u64;
+            copy.feed(piece, &mut |piece| {
+                back.update(piece);
+                len += piece.len() as u64;
+            });
         },
     )?;
+    if !copy.found {
+        return Err(push_err(format!(
+            "the target did not read the copy back; it printed {:?}",
+            String::from_utf8_lossy(&copy.before).trim()
+        )));
+    }
     let got = hex(&back.finalize());
     if len != bytes.len() as u64 || got != *hash {
         return Err(push_err(format!(
@@ -148,6 +164,39 @@ pub fn upload(dest: &Destination) -> Result<(), TransportError> {
         &hash[..16]
     );
     Ok(())
+}
+
+/// Passes on what follows [`COPY_FOLLOWS`]; what the login printed before
+/// it (a message of the day, an `echo` in a shell's rc file) is dropped.
+#[derive(Default)]
+struct AfterMark {
+    /// Output before the mark, up to [`MAX_NOISE`] bytes.
+    before: Vec<u8>,
+    found: bool,
+}
+
+impl AfterMark {
+    fn feed(&mut self, piece: &[u8], out: &mut dyn FnMut(&[u8])) {
+        if self.found {
+            out(piece);
+            return;
+        }
+        let from = self.before.len().saturating_sub(COPY_FOLLOWS.len() - 1);
+        self.before.extend_from_slice(piece);
+        let at = self.before[from..]
+            .windows(COPY_FOLLOWS.len())
+            .position(|w| w == COPY_FOLLOWS)
+            .map(|i| from + i);
+        if let Some(at) = at {
+            self.found = true;
+            let rest = self.before.split_off(at + COPY_FOLLOWS.len());
+            self.before.truncate(at);
+            out(&rest);
+        } else if self.before.len() > MAX_NOISE {
+            let cut = self.before.len() - MAX_NOISE;
+            self.before.drain(..cut);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +218,51 @@ mod tests {
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Feeds `stream` to an `AfterMark` in pieces of `step` bytes.
+    fn after_mark(stream: &[u8], step: usize) -> (AfterMark, Vec<u8>) {
+        let mut mark = AfterMark::default();
+        let mut out = Vec::new();
+        for piece in stream.chunks(step) {
+            mark.feed(piece, &mut |p| out.extend_from_slice(p));
+        }
+        (mark, out)
+    }
+
+    #[test]
+    fn the_read_back_copy_starts_after_the_mark_wherever_pieces_break() {
+        let copy: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let mut stream = b"Welcome to the standby host\nferry-push".to_vec();
+        stream.extend_from_slice(COPY_FOLLOWS);
+        stream.extend_from_slice(&copy);
+        for step in [1, 2, 7, COPY_FOLLOWS.len(), 4096, stream.len()] {
+            let (mark, out) = after_mark(&stream, step);
+            assert!(mark.found, "step {step}");
+            assert_eq!(out, copy, "step {step}");
+            assert_eq!(
+                mark.before, b"Welcome to the standby host\nferry-push",
+                "step {step}"
+            );
+        }
+        // The mark inside the copy is the copy's.
+        let mut twice = COPY_FOLLOWS.to_vec();
+        twice.extend_from_slice(COPY_FOLLOWS);
+        assert_eq!(after_mark(&twice, 3).1, COPY_FOLLOWS);
+    }
+
+    #[test]
+    fn without_the_mark_nothing_passes_and_the_noise_kept_is_bounded() {
+        let noise = b"This account is currently not available.\n".repeat(1000);
+        let (mark, out) = after_mark(&noise, 333);
+        assert!(!mark.found);
+        assert!(out.is_empty());
+        assert!(
+            mark.before.len() <= MAX_NOISE + 333,
+            "{}",
+            mark.before.len()
+        );
+        assert!(mark.before.ends_with(b"not available.\n"));
     }
 
     #[test]

@@ -472,8 +472,10 @@ enum Started {
     Missing,
 }
 
-/// Longest line the remote launcher prints before the agent runs.
-const MAX_BANNER: usize = 128;
+/// Most output a login may print before the launcher's line: a message of
+/// the day, or an `echo` in a shell's rc file, which would otherwise break
+/// the session.
+const MAX_NOISE: usize = 16 << 10;
 
 fn try_start(dest: &Destination, root: &Path, promote: bool) -> Result<Started, TransportError> {
     let (to_agent_rx, to_agent_tx) = to_agent()?;
@@ -497,38 +499,92 @@ fn try_start(dest: &Destination, root: &Path, promote: bool) -> Result<Started, 
             op: "start the ssh watcher",
             source,
         })?;
-    let banner = read_banner(&mut from_agent_rx);
-    match banner.as_deref() {
-        Ok(push::RUNNING) => Ok(Started::Running(Link {
+    match read_banner(&mut from_agent_rx) {
+        Ok(Banner::Running) => Ok(Started::Running(Link {
             tx: to_agent_tx,
             rx: from_agent_rx,
             worker,
             peer: dest.display(),
         })),
-        Ok(push::MISSING) => {
+        Ok(Banner::Missing) => {
             drop(to_agent_tx);
             let _ = worker.join();
             Ok(Started::Missing)
         }
-        other => {
+        Err(said) => {
             drop(to_agent_tx);
             let end = worker.join().map_err(|_| TransportError::Panicked)??;
-            let said = match other {
-                Ok(line) => format!("unexpected launcher output {line:?}"),
-                Err(e) => e.to_string(),
-            };
             Err(match end.exit_status {
                 Some(255) => dest.failure(&end.stderr),
-                _ => TransportError::Push {
+                _ => TransportError::Launch {
                     host: dest.display(),
                     reason: format!(
-                        "starting the agent failed ({said}){}",
+                        "{said}{}",
                         last_line(&end.stderr).map_or(String::new(), |l| format!(": {l}"))
                     ),
                 },
             })
         }
     }
+}
+
+/// The launcher's answer.
+#[derive(Debug, PartialEq)]
+enum Banner {
+    Running,
+    Missing,
+}
+
+/// Reads up to the launcher's line, byte by byte so nothing of the agent's
+/// stream after it is taken. What the login printed before it (up to
+/// [`MAX_NOISE`] bytes) is skipped; a line that merely ends with the
+/// launcher's words counts, as output without a newline runs into it. On
+/// failure, says what came instead.
+fn read_banner(rx: &mut impl Read) -> Result<Banner, String> {
+    let mut line = Vec::new();
+    let mut last = String::new();
+    let mut seen = 0usize;
+    let mut byte = [0u8; 1];
+    while seen <= MAX_NOISE {
+        match rx.read(&mut byte) {
+            Ok(0) => {
+                let text = String::from_utf8_lossy(&line);
+                let said = if text.trim().is_empty() {
+                    &last
+                } else {
+                    text.trim()
+                };
+                return Err(if said.is_empty() {
+                    "no reply".into()
+                } else {
+                    format!("the login printed {said:?} and ended before ferry's launcher ran")
+                });
+            }
+            Ok(_) if byte[0] == b'\n' => {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches('\r');
+                if text.ends_with(push::RUNNING) {
+                    return Ok(Banner::Running);
+                }
+                if text.ends_with(push::MISSING) {
+                    return Ok(Banner::Missing);
+                }
+                if !text.trim().is_empty() {
+                    tracing::debug!(line = text, "skipped what the login printed");
+                    last = text.trim().to_owned();
+                }
+                line.clear();
+            }
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+        seen += 1;
+    }
+    Err(format!(
+        "more than {} KiB of output before ferry's launcher ran, the last line {last:?}",
+        MAX_NOISE >> 10
+    ))
 }
 
 fn spawn(cmd: &mut Command) -> Result<Child, TransportError> {
@@ -539,23 +595,6 @@ fn spawn(cmd: &mut Command) -> Result<Child, TransportError> {
             source,
         },
     })
-}
-
-/// Reads the launcher's one line, byte by byte so nothing of the agent's
-/// stream after it is taken.
-fn read_banner(rx: &mut io::PipeReader) -> io::Result<String> {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < MAX_BANNER {
-        match rx.read(&mut byte) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no reply")),
-            Ok(_) if byte[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
-            Ok(_) => line.push(byte[0]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"))
 }
 
 const STDERR_KEEP: usize = 4096;
@@ -684,6 +723,45 @@ mod tests {
             port: 2222,
             opts: opts.clone(),
         }
+    }
+
+    fn banner(stream: &str) -> Result<Banner, String> {
+        read_banner(&mut stream.as_bytes())
+    }
+
+    #[test]
+    fn the_launcher_line_is_found_after_what_the_login_printed() {
+        let running = format!("{}\n", push::RUNNING);
+        assert_eq!(banner(&running), Ok(Banner::Running));
+        assert_eq!(
+            banner(&format!(
+                "Welcome!\r\n\nLast backup: never\n{}\n",
+                push::MISSING
+            )),
+            Ok(Banner::Missing)
+        );
+        // Output without a newline runs into the launcher's line.
+        assert_eq!(banner(&format!("motd{running}")), Ok(Banner::Running));
+        // Nothing of the agent's stream after the line is taken.
+        let owned = format!("hi\n{running}AGENT");
+        let mut stream = owned.as_bytes();
+        assert_eq!(read_banner(&mut stream), Ok(Banner::Running));
+        assert_eq!(stream, b"AGENT");
+    }
+
+    #[test]
+    fn a_login_that_never_runs_the_launcher_is_quoted() {
+        assert_eq!(banner(""), Err("no reply".into()));
+        let err = banner("This account is currently not available.\n").unwrap_err();
+        assert!(
+            err.contains("\"This account is currently not available.\" and ended"),
+            "{err}"
+        );
+        let err = banner("partial line").unwrap_err();
+        assert!(err.contains("\"partial line\""), "{err}");
+        let err = banner(&"chatty\n".repeat(MAX_NOISE)).unwrap_err();
+        assert!(err.contains("more than 16 KiB"), "{err}");
+        assert!(err.contains("\"chatty\""), "{err}");
     }
 
     #[test]
