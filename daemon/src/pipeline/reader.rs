@@ -360,6 +360,24 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_holds_about_64_mib_of_the_average_read() {
+        use super::super::queue_len;
+        const MIB: u64 = 1 << 20;
+        // Long runs in 1 MiB reads: 64 of them.
+        assert_eq!(queue_len(&[e(0, 512 * MIB)], MIB), 64);
+        // Touching extents are one run.
+        let touching: Vec<Extent> = (0..1024).map(|i| e(i * MIB, MIB)).collect();
+        assert_eq!(queue_len(&touching, MIB), 64);
+        // Scattered 4 KiB writes: as many places as 64 MiB of them needs,
+        // at most 4096.
+        let scattered: Vec<Extent> = (0..10_000).map(|i| e(i * 8192, 4096)).collect();
+        assert_eq!(queue_len(&scattered, MIB), 4096);
+        let scattered: Vec<Extent> = (0..100).map(|i| e(i * 2 * MIB, 64 << 10)).collect();
+        assert_eq!(queue_len(&scattered, MIB), 1024);
+        assert_eq!(queue_len(&[], MIB), 4096);
+    }
+
+    #[test]
     fn a_copy_hashed_block_by_block_hashes_as_the_whole() {
         use rand::RngCore;
         let lens = [
