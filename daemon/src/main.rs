@@ -63,11 +63,12 @@ enum Command {
     Track(TrackCommand),
     /// Bring a standby image up to date with a block device.
     ///
-    /// The first run seeds the target with a full copy (all-zero chunks are
+    /// The first run seeds a new image with a full copy (all-zero chunks are
     /// skipped, so the image stays thin); later runs ship only the chunks
-    /// written since. If tracking was interrupted, or the target is not where
-    /// this source left it, the run compares checksums of both sides and ships
-    /// what differs, and says so. A device not tracked yet is tracked first.
+    /// written since. If tracking was interrupted, or the image holds data
+    /// this source did not leave there, the run compares checksums of both
+    /// sides and ships what differs, and says so. A device not tracked yet
+    /// is tracked first.
     ///
     /// Nothing is forgotten until the target has written it to disk and
     /// acknowledged it: an interrupted run is completed by the next one.
@@ -185,12 +186,16 @@ struct SyncArgs {
     /// tracker says.
     #[arg(long)]
     resync: bool,
-    /// Take over an image that another source wrote (it is overwritten).
+    /// Take over an image that another source wrote: checksums of both
+    /// sides are compared and what differs is overwritten.
     #[arg(long)]
     force_new_source: bool,
-    /// Chunk size if the device has to be tracked first.
-    #[arg(long, default_value = "64K", value_parser = parse_chunk)]
-    chunk_size: ChunkSize,
+    /// Chunk size if the device has to be tracked first: a power of two
+    /// from 4K to 1M. 4K ships the least for small scattered writes (a
+    /// database, a mail spool) at 32 MiB of kernel bitmap per TiB; 64K
+    /// needs 2 MiB per TiB. [default: 64K]
+    #[arg(long, value_parser = parse_chunk)]
+    chunk_size: Option<ChunkSize>,
     /// Cap on bytes per second on the wire, e.g. 500K, 20M (0 = none).
     #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_size)]
     bwlimit: u64,

@@ -428,6 +428,45 @@ fn a_login_that_refuses_commands_is_quoted() {
     assert!(!s.image.exists(), "nothing may be written");
 }
 
+/// An image that already holds the data (copied some other way, or left
+/// by a source that was untracked and tracked again) is compared, not
+/// copied again: the first job ships only what differs.
+#[test]
+fn an_image_that_already_holds_the_data_is_compared_not_copied() {
+    if !privileged("an_image_that_already_holds_the_data_is_compared_not_copied") {
+        return;
+    }
+    let s = Standby::file(32 * MIB);
+    scatter(&s.dev, 11);
+    std::fs::copy(&s.dev.backing, &s.image).unwrap();
+    write_direct(&s.dev.path, 5 * MIB, 4096, 0x42);
+    let first = s.sync();
+    assert_eq!(first["mode"], "resync", "{first}");
+    assert!(s.identical(), "{first}");
+    let sent = first["sent_bytes"].as_u64().unwrap();
+    assert!(sent < 256 * 1024, "sent {sent} bytes for one changed chunk");
+
+    // Untracked and tracked again, the device is a new source: refused,
+    // with the way out in the message; taking the image over compares.
+    s.f.ok(&["track", "remove", s.dev.arg()]);
+    write_direct(&s.dev.path, 9 * MIB, 4096, 0x43);
+    let err = s.f.fails(&s.args("sync", &[]));
+    assert!(err.contains("--force-new-source"), "{err}");
+    let taken = s.f.json(&s.args("sync", &["--force-new-source"]));
+    assert_eq!(taken["mode"], "resync", "{taken}");
+    assert!(s.identical(), "{taken}");
+    let sent = taken["sent_bytes"].as_u64().unwrap();
+    assert!(sent < 256 * 1024, "sent {sent} bytes for one changed chunk");
+    let next = s.sync();
+    assert_eq!(next["mode"], "incremental", "{next}");
+
+    // A chunk size for a device tracked already is not silently ignored.
+    let out = s.f.output(&s.args("sync", &["--chunk-size", "4K"]));
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("already tracked in 64K chunks"), "{said}");
+}
+
 #[test]
 fn path_escapes_are_refused() {
     if !privileged("path_escapes_are_refused") {

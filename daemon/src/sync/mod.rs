@@ -79,7 +79,7 @@ pub enum SyncError {
     Transport(#[from] TransportError),
     #[error("another ferry sync to {target} is running")]
     Busy { target: String },
-    #[error("{peer} refused: {code}: {message}")]
+    #[error("{peer} refused: {code}: {message}{}", refusal_hint(*.code))]
     Refused {
         peer: String,
         code: ErrorCode,
@@ -118,13 +118,26 @@ pub enum SyncError {
     TooLarge,
 }
 
+/// What to do about a refusal, where there is something to say.
+fn refusal_hint(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::SourceMismatch => {
+            " (to have this image follow this source from now on, as after `ferry track \
+             remove` and a new track, run `ferry sync --force-new-source`: it compares \
+             checksums and ships only what differs)"
+        }
+        _ => "",
+    }
+}
+
 /// What one job does, from the command line.
 pub struct SyncOptions {
     pub device: PathBuf,
     pub target: TargetUrl,
     pub state_dir: PathBuf,
-    /// Chunk size when `sync` has to start tracking the device.
-    pub chunk: ChunkSize,
+    /// Chunk size when `sync` has to start tracking the device; `None`
+    /// for the default.
+    pub chunk: Option<ChunkSize>,
     /// Force a checksum resync.
     pub resync: bool,
     /// Let this source take over an image another source wrote.
@@ -325,7 +338,17 @@ impl<'o> Disk<'o> {
             .as_ref()
             .and_then(|r| r.source_id.clone())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let chunk = known.as_ref().map_or(opts.chunk.bytes(), |r| r.chunk_size);
+        let asked = opts.chunk.unwrap_or(ChunkSize::DEFAULT);
+        let chunk = known.as_ref().map_or(asked.bytes(), |r| r.chunk_size);
+        if opts.chunk.is_some() && chunk != asked.bytes() {
+            tracing::warn!(
+                "{} is already tracked in {} chunks; --chunk-size {asked} applies only when \
+                 sync starts tracking (to change it: ferry track remove, then sync \
+                 --chunk-size {asked} --force-new-source, which compares checksums)",
+                opts.device.display(),
+                ChunkSize::from_bytes(chunk).map_or(format!("{chunk}-byte"), |c| c.to_string()),
+            );
+        }
         let size = device.size_bytes();
         let nchunks = size.div_ceil(chunk);
         if nchunks > u64::from(u32::MAX) {
@@ -412,8 +435,12 @@ impl<'o> Disk<'o> {
             || Some(welcome.generation) == target.committing;
         let reason = if opts.resync {
             Some("requested with --resync".to_owned())
+        } else if !target.seeded && welcome.generation == 0 && welcome.created {
+            None // a seed into a new image
         } else if !target.seeded && welcome.generation == 0 {
-            None // a seed
+            // A seed cut short, a copy made some other way, or an image
+            // taken over: what already matches is not sent again.
+            Some("the image already holds data that this source did not commit".to_owned())
         } else if !target.seeded {
             Some(format!(
                 "the image already holds generation {} of this source",
@@ -616,12 +643,9 @@ fn track_and_freeze<T: Tracker>(
     let mut rec = match tracking.record(&opts.device) {
         Ok(rec) => rec,
         Err(TrackError::NotTracked { .. }) => {
-            let r = tracking.add_as(&opts.device, opts.chunk, source_id.to_owned())?;
-            tracing::info!(
-                "started tracking {} (chunk {})",
-                r.device.display(),
-                opts.chunk
-            );
+            let asked = opts.chunk.unwrap_or(ChunkSize::DEFAULT);
+            let r = tracking.add_as(&opts.device, asked, source_id.to_owned())?;
+            tracing::info!("started tracking {} (chunk {asked})", r.device.display());
             tracking.record(&opts.device)?
         }
         Err(e) => return Err(e.into()),
