@@ -467,6 +467,30 @@ fn an_image_that_already_holds_the_data_is_compared_not_copied() {
     assert!(said.contains("already tracked in 64K chunks"), "{said}");
 }
 
+/// `--bwlimit` holds over a job of about 10 s: what went on the wire,
+/// divided by the whole job's time, stays within 5% of the limit. (Only
+/// the upper side is asserted: a loaded machine may well be slower.)
+#[test]
+fn bwlimit_holds_over_ten_seconds() {
+    if !privileged("bwlimit_holds_over_ten_seconds") {
+        return;
+    }
+    let s = Standby::file(32 * MIB);
+    write_random(&s.dev.path, 0, 20 * MIB as usize, 21);
+    let limit = 2 * MIB;
+    let seed =
+        s.f.json(&s.args("sync", &["--bwlimit", "2M", "--zstd-level", "0"]));
+    assert!(s.identical(), "{seed}");
+    let sent = seed["sent_bytes"].as_u64().unwrap();
+    let secs = seed["duration_secs"].as_f64().unwrap();
+    assert!(sent > 20 * MIB, "{seed}");
+    let rate = sent as f64 / secs;
+    assert!(
+        rate <= limit as f64 * 1.05,
+        "{rate:.0} B/s on the wire over {secs:.1} s, limit {limit}: {seed}"
+    );
+}
+
 #[test]
 fn path_escapes_are_refused() {
     if !privileged("path_escapes_are_refused") {
