@@ -20,8 +20,10 @@
 //!   whatever the consumer did.
 //!
 //! Fixed per-pipeline memory outside the budget: `queue_depth` read buffers
-//! of `max_io` bytes (fewer if the budget cannot fill them), and one
-//! compression scratch buffer per compressor thread.
+//! of `max_io` bytes (fewer if the budget cannot fill them), one
+//! compression scratch buffer per compressor thread, and the queues' slots
+//! (at most 4096 pieces and 256 jobs, without their data, a few hundred
+//! KiB).
 
 pub mod budget;
 mod compress;
