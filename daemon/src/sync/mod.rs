@@ -122,9 +122,9 @@ pub enum SyncError {
 fn refusal_hint(code: ErrorCode) -> &'static str {
     match code {
         ErrorCode::SourceMismatch => {
-            " (to have this image follow this source from now on, as after `ferry track \
-             remove` and a new track, run `ferry sync --force-new-source`: it compares \
-             checksums and ships only what differs)"
+            " (if this device should own the image now, for example after `ferry track \
+             remove` and tracking it again, run `ferry sync --force-new-source`: it \
+             compares checksums and ships only what differs)"
         }
         _ => "",
     }
