@@ -39,6 +39,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::bench::fio_job;
+use crate::cpu::{Meter, Spent};
 use crate::mount::Mount;
 use crate::rig::Rig;
 use crate::setup;
@@ -106,6 +107,7 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         PathBuf::from(format!("/sys/fs/bpf/ferry-bench-sync-{pid}")),
     )?;
     let sshd = Sshd::start(&work.join("sshd"), &ferry)?;
+    let meter = Meter::new(sshd.pid(), rig.state_dir());
 
     util::step(&format!(
         "making the source: a {} MiB RAM-backed loop device with ext4, {FILL_PERCENT}% full",
@@ -164,8 +166,8 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         workload::write_blocks(&device, &blocks, &mut rng)?;
         util::step(&format!("{churn}, {of}: ferry incremental sync over ssh"));
         let after = format!("the churn of {of}");
-        let report = image.incremental(&mut runner, &rig, &device, &source, &after)?;
-        ferry_churns.extend(report.as_ref().map(Timed::from));
+        let timed = image.incremental(&mut runner, &rig, &device, &source, &after, None)?;
+        ferry_churns.extend(timed);
         util::step(&format!(
             "{churn}, {of}: rsync --inplace --no-whole-file of the backing file over the same \
              sshd"
@@ -199,14 +201,16 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         url: image.url.clone(),
         path: image.path.clone(),
     };
-    let ferry_cold = cold.incremental(&mut runner, &rig, &device, &source, "the last churn")?;
+    let ferry_cold =
+        cold.incremental(&mut runner, &rig, &device, &source, "the last churn", None)?;
 
     util::step(&format!(
         "100% churn: overwriting all of {device} with random data (O_DIRECT)"
     ));
     workload::overwrite(&device, bytes, &mut rng)?;
     util::step("100% churn: ferry incremental sync over ssh");
-    let ferry_all = image.incremental(&mut runner, &rig, &device, &source, "the overwrite")?;
+    let ferry_all =
+        image.incremental(&mut runner, &rig, &device, &source, "the overwrite", None)?;
     // The first overwrite also fills the thin image's holes (the chunks the
     // seed skipped as zeroes), and a fresh tmpfs page costs more to write
     // than a used one. The rounds after it measure the steady state.
@@ -220,17 +224,19 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         ));
         workload::overwrite(&device, bytes, &mut rng)?;
         let after = format!("the overwrite of {of}");
-        let report = image.incremental(&mut runner, &rig, &device, &source, &after)?;
-        again.extend(report.as_ref().map(Timed::from));
+        let timed = image.incremental(&mut runner, &rig, &device, &source, &after, Some(&meter))?;
+        again.extend(timed);
         util::step(&format!(
             "physical limit, {of}: the same bytes through ssh 'cat > /dev/null'"
         ));
-        pipes.extend(runner.attempt("ssh throughput", || discard_over_ssh(&sshd, &source))?);
+        pipes.extend(runner.attempt("ssh throughput", || {
+            discard_over_ssh(&sshd, &source, &meter)
+        })?);
         util::step(&format!(
             "the same job done plainly, {of}: dd of the device | ssh 'dd of=FILE' (no checks)"
         ));
         dds.extend(runner.attempt("dd over ssh", || {
-            dd_over_ssh(&sshd, &device, &image.path, bytes)
+            dd_over_ssh(&sshd, &device, &image.path, bytes, &meter)
         })?);
     }
 
@@ -243,10 +249,10 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         load_after: load_average(),
         seed: Timed::from(&seed),
         ferry_churn: ferry_churns,
-        ferry_cold: ferry_cold.as_ref().map(Timed::from),
+        ferry_cold,
         rsync: rsyncs,
         full,
-        ferry_all: ferry_all.as_ref().map(Timed::from),
+        ferry_all,
         rounds: args.rounds,
         ferry_again: again,
         read,
@@ -269,7 +275,8 @@ impl Standby {
         standby::sync(rig, device, &self.url, &self.ssh_args)
     }
 
-    /// A timed incremental sync after `after`, then the checks.
+    /// A timed incremental sync after `after` (its CPU time measured too,
+    /// with a meter), then the checks.
     fn incremental(
         &self,
         runner: &mut Runner,
@@ -277,16 +284,26 @@ impl Standby {
         device: &str,
         source: &Path,
         after: &str,
-    ) -> Result<Option<SyncReport>> {
-        let report = runner.attempt(&format!("ferry incremental sync after {after}"), || {
-            let report = self.sync(rig, device)?;
+        meter: Option<&Meter>,
+    ) -> Result<Option<Timed>> {
+        let timed = runner.attempt(&format!("ferry incremental sync after {after}"), || {
+            let (report, cpu) = match meter {
+                Some(meter) => {
+                    let (report, spent) = meter.measure(|| self.sync(rig, device))?;
+                    (report, Some(spent))
+                }
+                None => (self.sync(rig, device)?, None),
+            };
             expect_mode(&report, "incremental")?;
-            Ok(report)
+            Ok(Timed {
+                cpu,
+                ..Timed::from(&report)
+            })
         })?;
-        if report.is_some() {
+        if timed.is_some() {
             self.check(runner, rig, device, source, after)?;
         }
-        Ok(report)
+        Ok(timed)
     }
 
     /// Checks the image twice: with `ferry verify`, as a user would, and
@@ -445,12 +462,14 @@ fn make_filesystem(device: &str, mnt: &Path, bytes: u64) -> Result<()> {
 // ---------------------------------------------------------------------------
 // The baselines and the physical limit.
 
-/// One timed transfer: wall-clock seconds, bytes of the disk it covered and
-/// bytes it sent (`None` where nothing is sent).
+/// One timed transfer: wall-clock seconds, bytes of the disk it covered,
+/// bytes it sent (`None` where nothing is sent) and, where measured, the
+/// CPU time it cost.
 struct Timed {
     secs: f64,
     covered: u64,
     wire: Option<u64>,
+    cpu: Option<Spent>,
 }
 
 impl Timed {
@@ -473,6 +492,7 @@ impl From<&SyncReport> for Timed {
             secs: report.wall_secs,
             covered: report.changed_bytes,
             wire: Some(report.sent_bytes),
+            cpu: None,
         }
     }
 }
@@ -517,6 +537,7 @@ fn rsync(sshd: &Sshd, source: &Path, copy: &Path) -> Result<Timed> {
         secs,
         covered: file_size(source)?,
         wire: Some(sent + received),
+        cpu: None,
     })
 }
 
@@ -567,16 +588,19 @@ fn copy_over_ssh(sshd: &Sshd, source: &Path, dest: &Path) -> Result<Timed> {
         secs,
         covered: bytes,
         wire: Some(bytes),
+        cpu: None,
     })
 }
 
 /// `ssh HOST 'cat > /dev/null' < SOURCE`: what the SSH link itself carries.
-fn discard_over_ssh(sshd: &Sshd, source: &Path) -> Result<Timed> {
-    let secs = timed_shell(&format!(
-        "{} root@{HOST} 'cat > /dev/null' < {}",
-        sshd.ssh_command(),
-        shell_quote(&source.to_string_lossy())
-    ))?;
+fn discard_over_ssh(sshd: &Sshd, source: &Path, meter: &Meter) -> Result<Timed> {
+    let (secs, cpu) = meter.measure(|| {
+        timed_shell(&format!(
+            "{} root@{HOST} 'cat > /dev/null' < {}",
+            sshd.ssh_command(),
+            shell_quote(&source.to_string_lossy())
+        ))
+    })?;
     let bytes = file_size(source)?;
     say!(
         "{} in {secs:.2} s ({:.0} MiB/s)",
@@ -587,6 +611,7 @@ fn discard_over_ssh(sshd: &Sshd, source: &Path) -> Result<Timed> {
         secs,
         covered: bytes,
         wire: Some(bytes),
+        cpu: Some(cpu),
     })
 }
 
@@ -595,17 +620,19 @@ fn discard_over_ssh(sshd: &Sshd, source: &Path) -> Result<Timed> {
 /// without checksums, commit or fsync. DEST is the standby image, which the
 /// second overwrite left with every page written: a fresh file here would
 /// time the host handing out new memory. Then checks the copy.
-fn dd_over_ssh(sshd: &Sshd, device: &str, dest: &Path, bytes: u64) -> Result<Timed> {
+fn dd_over_ssh(sshd: &Sshd, device: &str, dest: &Path, bytes: u64, meter: &Meter) -> Result<Timed> {
     let remote = format!(
         "dd of={} bs=1M iflag=fullblock conv=notrunc status=none",
         shell_quote(&dest.to_string_lossy())
     );
-    let secs = timed_shell(&format!(
-        "dd if={} iflag=direct bs=1M status=none | {} root@{HOST} {}",
-        shell_quote(device),
-        sshd.ssh_command(),
-        shell_quote(&remote)
-    ))?;
+    let (secs, cpu) = meter.measure(|| {
+        timed_shell(&format!(
+            "dd if={} iflag=direct bs=1M status=none | {} root@{HOST} {}",
+            shell_quote(device),
+            sshd.ssh_command(),
+            shell_quote(&remote)
+        ))
+    })?;
     say!(
         "{} in {secs:.2} s ({:.0} MiB/s)",
         mib(bytes),
@@ -621,6 +648,7 @@ fn dd_over_ssh(sshd: &Sshd, device: &str, dest: &Path, bytes: u64) -> Result<Tim
         secs,
         covered: bytes,
         wire: Some(bytes),
+        cpu: Some(cpu),
     })
 }
 
@@ -658,6 +686,7 @@ fn read_device(device: &str) -> Result<Timed> {
         secs,
         covered: io_bytes,
         wire: None,
+        cpu: None,
     })
 }
 
@@ -773,6 +802,37 @@ fn report(r: &Results<'_>) {
         say!("  {label:<40} {}", secs.join("  "));
     }
     say!("");
+    say!("CPU seconds per GiB, 100% churn again, median run (source: ferry, or the shell,");
+    say!("dd and ssh; target: sshd and what it runs; machine: all CPUs busy, kernel threads");
+    say!("and other work included):");
+    say!(
+        "  {:<40} {:>8} {:>8} {:>8} {:>8}",
+        "",
+        "source",
+        "target",
+        "machine",
+        "wall"
+    );
+    for (label, timed) in [
+        ("ferry incremental", ferry_again),
+        ("ssh 'cat > /dev/null'", pipe),
+        ("dd | ssh dd", dd),
+    ] {
+        match timed.and_then(|t| Some((t, t.cpu?))) {
+            Some((t, cpu)) => {
+                let gib = t.covered as f64 / f64::from(1 << 30);
+                say!(
+                    "  {label:<40} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                    cpu.source / gib,
+                    cpu.target / gib,
+                    cpu.machine / gib,
+                    t.secs / gib
+                );
+            }
+            None => say!("  {label:<40} {:>8}", "-"),
+        }
+    }
+    say!("");
 
     let time_ratio = |slow: Option<&Timed>| match (slow, ferry_churn) {
         (Some(slow), Some(ferry)) => Some(slow.secs / ferry.secs),
@@ -844,6 +904,7 @@ mod tests {
             secs,
             covered: 1,
             wire: None,
+            cpu: None,
         };
         let secs = |runs: Vec<Timed>| median(&runs).map(|t| t.secs);
         assert_eq!(secs(vec![]), None);

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_sync;
 mod boot_assets;
+mod cpu;
 mod demo;
 mod mount;
 mod rig;

@@ -91,6 +91,11 @@ impl Rig {
         Ok(device)
     }
 
+    /// ferry's private state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     /// ferry with this rig's private state and BPF pin dirs.
     pub fn ferry(&self) -> Cmd {
         Cmd::new(&self.ferry)

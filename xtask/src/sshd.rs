@@ -195,6 +195,11 @@ impl Sshd {
         ]
     }
 
+    /// The listening sshd's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The ssh:// URL of `path` on this sshd.
     pub fn url(&self, path: &Path) -> String {
         format!("ssh://root@{HOST}:{}{}", self.port, path.display())
