@@ -702,6 +702,12 @@ fn sync_command(state_dir: &Path, bpf_dir: &Path, args: &SyncArgs) -> anyhow::Re
             }
         }
     }
+    // A freeze must be thawed whatever ends the job, and whoever stops it
+    // should know what became of the work.
+    ferry::sys::freeze::guard_signals(
+        "nothing is lost: what the target did not acknowledge is shipped by the next sync",
+    )
+    .context("cannot set up signal handling")?;
     let boot_point = if args.boot.boot_point {
         let mut devs = Vec::new();
         for (device, target) in &disks {
@@ -716,8 +722,6 @@ fn sync_command(state_dir: &Path, bpf_dir: &Path, args: &SyncArgs) -> anyhow::Re
             }
             devs.push(ferry::device::BlockDevice::resolve(device)?.dev);
         }
-        // A freeze must be thawed whatever ends the job.
-        ferry::sys::freeze::guard_signals().context("cannot set up signal handling")?;
         Some(BootPointOptions {
             max_boot_points: args.boot.max_boot_points,
             pre_snapshot: args.boot.pre_snapshot.clone(),

@@ -611,7 +611,7 @@ fn a_signal_during_the_freeze_thaws_before_ferry_exits() {
     let rest: Vec<String> = lines.iter().collect();
     assert_eq!(status.code(), Some(143), "{rest:?}");
     assert!(
-        rest.iter().any(|l| l.contains("interrupted by signal 15")),
+        rest.iter().any(|l| l.contains("interrupted by SIGTERM")),
         "{rest:?}"
     );
     // Thawed: unfreezing a filesystem that is not frozen fails, and writes

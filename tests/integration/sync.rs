@@ -208,6 +208,38 @@ fn kill_9_mid_transfer_then_rerun_is_identical() {
     s.rerun_completes();
 }
 
+/// SIGTERM (a service stopped, Ctrl-C's cousin) ends the job with one line
+/// that says nothing is lost, and the next job completes it.
+#[test]
+fn sigterm_mid_transfer_says_so_and_loses_nothing() {
+    if !privileged("sigterm_mid_transfer_says_so_and_loses_nothing") {
+        return;
+    }
+    let s = Standby::file(64 * MIB);
+    write_random(&s.dev.path, 0, 8 * MIB as usize, 9);
+    s.sync();
+    write_random(&s.dev.path, 16 * MIB, 32 * MIB as usize, 10);
+    let mut child =
+        s.f.command(&s.args("sync", &["--bwlimit", "8M", "--zstd-level", "0"]))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let lines = await_stderr_line(&mut child, |l| l.contains("shipping"), "shipping");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(child.try_wait().unwrap().is_none(), "finished too soon");
+    run("kill", &["-TERM", &child.id().to_string()]);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15), "{status:?}");
+    let said: Vec<String> = lines.iter().collect();
+    assert!(
+        said.iter()
+            .any(|l| l.ends_with("interrupted by SIGTERM; nothing is lost: what the target did not acknowledge is shipped by the next sync")),
+        "{said:?}"
+    );
+    s.rerun_completes();
+}
+
 #[test]
 fn cut_ssh_session_then_rerun_is_identical() {
     if !privileged("cut_ssh_session_then_rerun_is_identical") {

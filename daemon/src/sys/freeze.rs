@@ -116,9 +116,10 @@ fn signal_set() -> libc::sigset_t {
 }
 
 /// Routes SIGINT, SIGTERM, SIGHUP and SIGQUIT to a thread that thaws
-/// whatever is frozen and then exits with 128 + the signal number. Call it
-/// before any other thread starts: threads inherit the blocked mask.
-pub fn guard_signals() -> io::Result<()> {
+/// whatever is frozen, says which signal ended the command and `then`
+/// (what happens to the work), and exits with 128 + the signal number.
+/// Call it before any other thread starts: threads inherit the blocked mask.
+pub fn guard_signals(then: &'static str) -> io::Result<()> {
     let set = signal_set();
     // SAFETY: `set` is initialised; the old mask is not needed.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
@@ -134,11 +135,30 @@ pub fn guard_signals() -> io::Result<()> {
                 for (point, e) in thaw_all() {
                     eprintln!("ferry: could not thaw {}: {e}", point.display());
                 }
-                eprintln!("ferry: interrupted by signal {sig}");
+                // A progress bar may be half drawn on the line.
+                let fresh_line = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    "\r\x1b[2K"
+                } else {
+                    ""
+                };
+                eprintln!(
+                    "{fresh_line}ferry: interrupted by {}; {then}",
+                    signal_name(sig)
+                );
                 std::process::exit(128 + sig);
             }
         })?;
     Ok(())
+}
+
+fn signal_name(sig: libc::c_int) -> String {
+    match sig {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        other => format!("signal {other}"),
+    }
 }
 
 #[cfg(test)]
