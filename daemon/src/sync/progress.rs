@@ -20,13 +20,8 @@ impl Progress {
     pub fn new(bar: bool) -> Self {
         let bar = bar.then(|| {
             let b = ProgressBar::new(0);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{msg:>22} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                )
-                .expect("the template is valid")
-                .progress_chars("=> "),
-            );
+            b.set_style(style(0));
+            b.set_message("starting");
             b
         });
         Self {
@@ -48,10 +43,14 @@ impl Progress {
         self.last_log = Instant::now();
         match &self.bar {
             Some(b) => {
-                b.set_message(name);
+                // Length first: each call may draw, and a bar drawn with
+                // the new style over the old length reads "0 B/0 B".
                 b.set_length(total);
                 b.set_position(0);
                 b.reset_eta();
+                b.reset_elapsed();
+                b.set_style(style(total));
+                b.set_message(name);
             }
             None if total > 0 => tracing::info!("{name}: {} to go", crate::human(total)),
             None => tracing::info!("{name}"),
@@ -88,6 +87,20 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+}
+
+/// A bar with bytes, rate and ETA for a phase of known size; for one
+/// without (connecting, committing) only the time it has taken, instead of
+/// a full bar over "0 B/0 B".
+fn style(total: u64) -> ProgressStyle {
+    let template = if total > 0 {
+        "{msg:>22} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"
+    } else {
+        "{msg:>22} {elapsed}"
+    };
+    ProgressStyle::with_template(template)
+        .expect("the template is valid")
+        .progress_chars("=> ")
 }
 
 impl Drop for Progress {
