@@ -143,43 +143,6 @@ pub struct PipelineConfig {
     pub ioprio: Option<IoPrio>,
 }
 
-/// Bytes of data the queue of finished pieces holds, about. It is what the
-/// job reads ahead while the connection to the target is still being made;
-/// 64 MiB of long runs costs less CPU than letting `mem_cap` (256 MiB) of
-/// them pile up, which the host maps fresh memory for (measured at 100%
-/// churn).
-const QUEUED: u64 = 64 << 20;
-
-/// Pieces the queue of finished pieces holds: [`QUEUED`] bytes of this
-/// job's average read, between 64 (long runs, 1 MiB reads) and 4096
-/// (scattered 4 KiB writes, which would otherwise fill 64 places with
-/// 256 KiB and stop the reading ahead).
-fn queue_len(extents: &[Extent], read_size: u64) -> usize {
-    let (mut bytes, mut reads) = (0u64, 0u64);
-    let mut run: Option<Extent> = None;
-    let mut close = |run: Extent| {
-        bytes += run.len;
-        reads += run.len.div_ceil(read_size);
-    };
-    for &e in extents {
-        match &mut run {
-            Some(r) if r.offset + r.len == e.offset => r.len += e.len,
-            _ => {
-                if let Some(r) = run.replace(e) {
-                    close(r);
-                }
-            }
-        }
-    }
-    if let Some(r) = run {
-        close(r);
-    }
-    let average = (bytes / reads.max(1)).max(1);
-    usize::try_from(QUEUED / average)
-        .unwrap_or(usize::MAX)
-        .clamp(64, 4096)
-}
-
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
@@ -424,7 +387,7 @@ impl Pipeline {
         check_extents(&extents, device_size)?;
         let budget = Budget::new(cfg.mem_cap);
         let shared = Arc::new(Shared::default());
-        let queue = queue_len(&extents, read_size);
+        let queue = reader::queue_len(&extents, read_size);
         let (out_tx, out_rx) = crossbeam_channel::bounded(queue);
         let (job_tx, job_rx) =
             crossbeam_channel::bounded((queue / 16).max(cfg.compress_threads * 2));
