@@ -38,8 +38,10 @@ pub const MISSING: &str = "ferry-launcher: no agent";
 /// The upload's line before the copy is read back.
 const COPY_FOLLOWS: &[u8] = b"ferry-push: copy follows\n";
 
-/// Most output a login may print before the read-back copy.
-const MAX_NOISE: usize = 16 << 10;
+/// Most output a login may print before the launcher's line or the
+/// read-back copy: a message of the day, or an `echo` in a shell's rc
+/// file, which would otherwise break the session.
+pub const MAX_NOISE: usize = 16 << 10;
 
 /// This binary and its SHA-256, read once per process.
 fn own_binary() -> Result<&'static (Vec<u8>, String), String> {

@@ -472,11 +472,6 @@ enum Started {
     Missing,
 }
 
-/// Most output a login may print before the launcher's line: a message of
-/// the day, or an `echo` in a shell's rc file, which would otherwise break
-/// the session.
-const MAX_NOISE: usize = 16 << 10;
-
 fn try_start(dest: &Destination, root: &Path, promote: bool) -> Result<Started, TransportError> {
     let (to_agent_rx, to_agent_tx) = to_agent()?;
     let (mut from_agent_rx, from_agent_tx) = pipe()?;
@@ -537,7 +532,7 @@ enum Banner {
 
 /// Reads up to the launcher's line, byte by byte so nothing of the agent's
 /// stream after it is taken. What the login printed before it (up to
-/// [`MAX_NOISE`] bytes) is skipped; a line that merely ends with the
+/// [`push::MAX_NOISE`] bytes) is skipped; a line that merely ends with the
 /// launcher's words counts, as output without a newline runs into it. On
 /// failure, says what came instead.
 fn read_banner(rx: &mut impl Read) -> Result<Banner, String> {
@@ -545,7 +540,7 @@ fn read_banner(rx: &mut impl Read) -> Result<Banner, String> {
     let mut last = String::new();
     let mut seen = 0usize;
     let mut byte = [0u8; 1];
-    while seen <= MAX_NOISE {
+    while seen <= push::MAX_NOISE {
         match rx.read(&mut byte) {
             Ok(0) => {
                 let text = String::from_utf8_lossy(&line);
@@ -583,7 +578,7 @@ fn read_banner(rx: &mut impl Read) -> Result<Banner, String> {
     }
     Err(format!(
         "more than {} KiB of output before ferry's launcher ran, the last line {last:?}",
-        MAX_NOISE >> 10
+        push::MAX_NOISE >> 10
     ))
 }
 
@@ -759,7 +754,7 @@ mod tests {
         );
         let err = banner("partial line").unwrap_err();
         assert!(err.contains("\"partial line\""), "{err}");
-        let err = banner(&"chatty\n".repeat(MAX_NOISE)).unwrap_err();
+        let err = banner(&"chatty\n".repeat(push::MAX_NOISE)).unwrap_err();
         assert!(err.contains("more than 16 KiB"), "{err}");
         assert!(err.contains("\"chatty\""), "{err}");
     }
