@@ -4,6 +4,7 @@
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
+    sync::mpsc::Receiver,
     time::{Duration, Instant},
 };
 
@@ -97,7 +98,11 @@ impl Standby {
 
     /// Starts a sync that takes a few seconds (8 MiB/s on the wire), lets it
     /// get going, then calls `interrupt`; the sync must still be running.
-    fn interrupted_sync(&self, interrupt: impl FnOnce(&mut std::process::Child)) {
+    /// Returns the lines it prints on stderr from then on.
+    fn interrupted_sync(
+        &self,
+        interrupt: impl FnOnce(&mut std::process::Child),
+    ) -> Receiver<String> {
         self.interrupted_sync_with(&[], interrupt)
     }
 
@@ -108,7 +113,7 @@ impl Standby {
         &self,
         more: &[&str],
         interrupt: impl FnOnce(&mut std::process::Child),
-    ) {
+    ) -> Receiver<String> {
         let mut args = self.args("sync", &["--bwlimit", "8M", "--zstd-level", "0"]);
         args.extend_from_slice(more);
         let mut child = self
@@ -118,7 +123,7 @@ impl Standby {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        await_stderr_line(
+        let lines = await_stderr_line(
             &mut child,
             |l| ["seeding", "shipping"].iter().any(|p| l.contains(p)),
             "shipping",
@@ -130,6 +135,7 @@ impl Standby {
         );
         interrupt(&mut child);
         let _ = child.wait();
+        lines
     }
 }
 
@@ -219,18 +225,12 @@ fn sigterm_mid_transfer_says_so_and_loses_nothing() {
     write_random(&s.dev.path, 0, 8 * MIB as usize, 9);
     s.sync();
     write_random(&s.dev.path, 16 * MIB, 32 * MIB as usize, 10);
-    let mut child =
-        s.f.command(&s.args("sync", &["--bwlimit", "8M", "--zstd-level", "0"]))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-    let lines = await_stderr_line(&mut child, |l| l.contains("shipping"), "shipping");
-    std::thread::sleep(Duration::from_millis(700));
-    assert!(child.try_wait().unwrap().is_none(), "finished too soon");
-    run("kill", &["-TERM", &child.id().to_string()]);
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(128 + 15), "{status:?}");
+    let mut status = None;
+    let lines = s.interrupted_sync(|child| {
+        run("kill", &["-TERM", &child.id().to_string()]);
+        status = Some(child.wait().unwrap());
+    });
+    assert_eq!(status.unwrap().code(), Some(128 + 15), "{status:?}");
     let said: Vec<String> = lines.iter().collect();
     assert!(
         said.iter()
