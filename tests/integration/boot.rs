@@ -132,7 +132,7 @@ fn boot_test_raw_working_image_and_boot_point() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no boot point named"), "{stderr}");
     let lock = std::fs::File::open(rig.dir.join("web.img.ferry.lock")).unwrap();
-    assert!(ferry::sys::flock_try_exclusive(&lock).unwrap());
+    assert!(ferry::sys::fs::try_lock_exclusive(&lock).unwrap());
     let out = rig.boot_test(None, "FERRY-MARKER:new");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");

@@ -109,7 +109,7 @@ impl Store {
             .mode(0o600)
             .open(&lock_path)
             .map_err(io_err(&lock_path, "open lock"))?;
-        crate::sys::flock_exclusive(&lock).map_err(io_err(&lock_path, "lock"))?;
+        crate::sys::fs::lock_exclusive(&lock).map_err(io_err(&lock_path, "lock"))?;
         Ok(Self {
             root: root.to_owned(),
             _lock: lock,

@@ -152,7 +152,7 @@ impl Store {
             .mode(0o600)
             .open(&path)
             .map_err(io_err(&path, "open lock"))?;
-        match crate::sys::flock_try_exclusive(&file) {
+        match crate::sys::fs::try_lock_exclusive(&file) {
             Ok(true) => Ok(TargetLock { _file: file }),
             Ok(false) => Err(StoreError::Busy { path }),
             Err(source) => Err(StoreError::Io {

@@ -172,35 +172,37 @@ pub fn unlink_in(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
     }
 }
 
+/// Takes an exclusive `flock` on `file`, waiting for the holder to let go.
+pub fn lock_exclusive(file: &File) -> io::Result<()> {
+    flock(file, libc::LOCK_EX).map(drop)
+}
+
 /// Takes an exclusive `flock` on `file` without waiting: `Ok(false)` if
 /// another open file description holds it.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
-    loop {
-        // SAFETY: flock on a valid fd owned by `file`; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => {}
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            _ => return Err(err),
-        }
-    }
+    flock(file, libc::LOCK_EX | libc::LOCK_NB)
 }
 
 /// Releases a `flock` on `file`'s open file description. Closing is not
 /// enough when a child forked by another thread still holds a copy of the fd
 /// on its way to `exec`: the lock would outlive the close for that moment.
 pub fn unlock(file: &File) -> io::Result<()> {
+    flock(file, libc::LOCK_UN).map(drop)
+}
+
+/// `flock(2)`, retried when a signal interrupts it; `Ok(false)` when
+/// `LOCK_NB` finds the lock held.
+fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
     loop {
         // SAFETY: flock on a valid fd owned by `file`; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) } == 0 {
-            return Ok(());
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(true);
         }
         let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
+        match err.raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EWOULDBLOCK) if op & libc::LOCK_NB != 0 => return Ok(false),
+            _ => return Err(err),
         }
     }
 }

@@ -29,36 +29,3 @@ pub fn boot_id() -> io::Result<String> {
         .trim()
         .to_owned())
 }
-
-/// Takes an exclusive `flock` on `file`, waiting for the holder to let go.
-pub fn flock_exclusive(file: &std::fs::File) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    loop {
-        // SAFETY: flock on a valid fd owned by `file`; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// Tries to take an exclusive `flock` on `file` without waiting; `false`
-/// when another open file holds it.
-pub fn flock_try_exclusive(file: &std::fs::File) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    loop {
-        // SAFETY: flock on a valid fd owned by `file`; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            Some(libc::EINTR) => continue,
-            _ => return Err(err),
-        }
-    }
-}
