@@ -135,7 +135,7 @@ fn bad_sync_input_is_refused_and_changes_nothing() {
     refused(&f, &["sync", u, &url, "--ioprio", "urgent"], "urgent");
     // The target root must exist; nothing is created on the way.
     let missing = format!("file://{}/no/such/dir/x.img", dir.path.display());
-    refused(&f, &["sync", u, &missing], "no/such/dir");
+    refused(&f, &["sync", u, &missing], "no/such/dir does not exist");
     assert!(!dir.join("no").exists());
     // A password file others can read is refused, and never echoed.
     let pw = dir.join("pw");

@@ -61,6 +61,17 @@ impl Image {
         let read_only = mode == Mode::ReadOnly;
         let (parent, file_name) = split_name(name)?;
         let root_fd = sysfs::open_dir(root).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                // The usual slip: a directory not made yet on the target.
+                return AgentError::refused(
+                    ErrorCode::Io,
+                    format!(
+                        "directory {} does not exist; ferry creates the image, \
+                         not the directory it goes in",
+                        root.display()
+                    ),
+                );
+            }
             AgentError::refused_by(
                 ErrorCode::Io,
                 format!("target root {}: open failed", root.display()),
