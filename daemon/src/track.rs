@@ -14,6 +14,11 @@
 //!   flag set, which the next command reports as `needs-resync:
 //!   interrupted-drain`. If the bits cannot be persisted they go back to the
 //!   kernel bitmap.
+//! - **A resized device stays tracked.** Every command compares the device's
+//!   size with the one it is tracked at. A change moves tracking to a bitmap
+//!   of the new size with no moment untracked, keeps what the old one held,
+//!   and marks all the space the device gained dirty: writes there went
+//!   unseen until now.
 
 use std::{
     path::{Path, PathBuf},
@@ -264,15 +269,7 @@ impl<T: Tracker> Tracking<T> {
             }
         };
         set |= &kernel;
-        let persisted = self.store.save_pending(dev, &set).and_then(|()| {
-            for (id, _) in self.store.targets_of(dev)? {
-                let mut t = self.store.target_set(&id, Set::Pending)?;
-                t |= &kernel;
-                self.store.save_target_set(&id, Set::Pending, &t)?;
-            }
-            Ok(())
-        });
-        if let Err(e) = persisted {
+        if let Err(e) = self.persist(dev, &set, &kernel) {
             // Bits some target may already hold are harmless twice.
             self.tracker.reclaim(dev, &kernel)?;
             rec.draining = false;
@@ -284,6 +281,81 @@ impl<T: Tracker> Tracking<T> {
             self.store.save_record(dev, rec)?;
         }
         Ok(set)
+    }
+
+    /// Saves `set` as the device's pending set and merges `taken` (the bits
+    /// just taken from the kernel) into every target's.
+    fn persist(
+        &self,
+        dev: DevNum,
+        set: &RoaringBitmap,
+        taken: &RoaringBitmap,
+    ) -> Result<(), StoreError> {
+        self.store.save_pending(dev, set)?;
+        for (id, _) in self.store.targets_of(dev)? {
+            let mut t = self.store.target_set(&id, Set::Pending)?;
+            t |= taken;
+            self.store.save_target_set(&id, Set::Pending, &t)?;
+        }
+        Ok(())
+    }
+
+    /// Follows a device whose size changed since it was tracked (a grown
+    /// volume, a loop device's file extended): tracks it at its new size
+    /// with no gap, keeps what the old bitmap held, and marks the space it
+    /// gained (from the chunk the old end fell in) dirty. Bracketed by the
+    /// in-use flag like a drain: the old bits exist only here meanwhile.
+    /// Returns a reason to resync if the old bitmap lost marks.
+    fn follow_resize(&mut self, rec: &mut DeviceRecord) -> Result<Option<String>, TrackError> {
+        let dev = dev_of(rec);
+        let Ok(device) = BlockDevice::resolve(&rec.path) else {
+            return Ok(None); // gone: nothing to follow
+        };
+        if device.dev != dev || device.nr_sectors == rec.nr_sectors {
+            return Ok(None);
+        }
+        let chunk = ChunkSize::from_bytes(rec.chunk_size).unwrap_or(ChunkSize::DEFAULT);
+        let (was, now) = (rec.nr_sectors * 512, device.size_bytes());
+        let start_sector = device.start_sector;
+        rec.draining = true;
+        self.store.save_record(dev, rec)?;
+        let resized = self.tracker.resize(&TrackSpec { device, chunk })?;
+        let mut taken = resized.bits;
+        if now > was {
+            taken.insert_range(
+                u32::try_from(was / chunk.bytes()).unwrap_or(u32::MAX)
+                    ..u32::try_from(now.div_ceil(chunk.bytes())).unwrap_or(u32::MAX),
+            );
+        }
+        let mut set = self.store.pending(dev)?;
+        set |= &taken;
+        if let Err(e) = self.persist(dev, &set, &taken) {
+            self.tracker.reclaim(dev, &taken)?;
+            rec.draining = false;
+            let _ = self.store.save_record(dev, rec);
+            return Err(e.into());
+        }
+        let lost = (resized.overflows > rec.overflows_seen).then(|| {
+            let n = resized.overflows - rec.overflows_seen;
+            format!("overflow ({n} marks could not be recorded)")
+        });
+        tracing::info!(
+            "{}: size changed from {} to {}; tracking follows{}",
+            rec.path.display(),
+            crate::human(was),
+            crate::human(now),
+            if now > was {
+                ", and the next sync ships the new space"
+            } else {
+                ""
+            },
+        );
+        rec.nr_sectors = now / 512;
+        rec.start_sector = start_sector;
+        rec.overflows_seen = 0;
+        rec.draining = false;
+        self.store.save_record(dev, rec)?;
+        Ok(lost)
     }
 
     pub fn store(&self) -> &Store {
@@ -359,6 +431,8 @@ impl<T: Tracker> Tracking<T> {
         }
         if lost {
             self.rearm(rec)?;
+        } else if let Some(r) = self.follow_resize(rec)? {
+            reason.get_or_insert(r);
         }
         // Each target resyncs on its own: hand the reason to every target,
         // and keep it on the device only while there is none.
@@ -396,9 +470,13 @@ impl<T: Tracker> Tracking<T> {
         let Ok(device) = BlockDevice::resolve(&rec.path) else {
             return Ok(()); // gone: nothing to track until it comes back
         };
-        if device.dev != dev || device.nr_sectors != rec.nr_sectors {
+        if device.dev != dev {
             return Ok(()); // the path now names another device
         }
+        // A size change while untracked (a disk grown across a reboot) is
+        // taken as it is: the pending resync covers the whole device.
+        rec.nr_sectors = device.nr_sectors;
+        rec.start_sector = device.start_sector;
         let chunk = ChunkSize::from_bytes(rec.chunk_size).unwrap_or(ChunkSize::DEFAULT);
         let _ = self.tracker.remove(dev);
         rec.epoch = self.tracker.add(&TrackSpec { device, chunk })?;

@@ -697,6 +697,50 @@ fn expected_incremental_on_a_taken_over_image_resyncs() {
 }
 
 #[test]
+fn a_grown_device_ships_its_new_space() {
+    if !privileged("a_grown_device_ships_its_new_space") {
+        return;
+    }
+    let s = Standby::file(32 * MIB);
+    scatter(&s.dev, 61);
+    s.sync();
+    // The volume grows and is written past its old end before ferry runs
+    // again: the tracker never saw those writes.
+    s.dev.grow(48 * MIB);
+    write_random(&s.dev.path, 40 * MIB, MIB as usize, 62);
+    write_direct(&s.dev.path, 4 * MIB, 4096, 0x77);
+    // The next command notices and follows.
+    let list = s.f.json(&["track", "list"]);
+    assert_eq!(list["devices"][0]["size"], 48 * MIB, "{list}");
+    assert_eq!(list["devices"][0]["state"], "tracking", "{list}");
+    assert!(
+        list["devices"][0]["dirty_bytes"].as_u64().unwrap() >= 16 * MIB,
+        "the new space is not dirty: {list}"
+    );
+    // The image is still 32 MiB: refused with the way out, nothing lost.
+    let err = s.f.fails(&s.args("sync", &[]));
+    assert!(err.contains("smaller than the source"), "{err}");
+    assert!(err.contains("truncate -s"), "{err}");
+    // Grown as the hint says, the image gets the new space and the write
+    // made meanwhile, in an incremental, not a resync.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.image)
+        .unwrap()
+        .set_len(48 * MIB)
+        .unwrap();
+    let r = s.sync();
+    assert_eq!(r["mode"], "incremental", "{r}");
+    assert!(s.identical(), "{r}");
+    assert!(r["sent_bytes"].as_u64().unwrap() < 2 * MIB, "{r}");
+    // The new space is tracked from now on.
+    write_random(&s.dev.path, 46 * MIB, 8192, 63);
+    let r = s.sync();
+    assert_eq!(r["changed_bytes"], 64 << 10, "{r}");
+    assert!(s.identical(), "{r}");
+}
+
+#[test]
 fn lost_tracking_state_leads_to_checksum_resync() {
     if !privileged("lost_tracking_state_leads_to_checksum_resync") {
         return;

@@ -149,3 +149,86 @@ fn writer(id: u64, path: PathBuf, stop: &AtomicBool, written: &Mutex<BTreeSet<u6
     }
     seq
 }
+
+/// A volume grown again and again while writers hammer its old space: each
+/// growth moves tracking to a new bitmap, and no write may fall between the
+/// old bitmap and the new one.
+#[test]
+fn growing_under_writers_loses_nothing() {
+    if !privileged("growing_under_writers_loses_nothing") {
+        return;
+    }
+    const STEP: u64 = 4 << 20;
+    const GROWTHS: u64 = 24;
+    let dev = LoopDev::new(DEVICE);
+    let f = Ferry::new();
+    f.ok(&["track", "add", dev.arg(), "--chunk-size", "4K"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(Mutex::new(BTreeSet::new()));
+    let writers: Vec<_> = (0..2u64)
+        .map(|id| {
+            let (path, stop, written) = (dev.path.clone(), stop.clone(), written.clone());
+            std::thread::spawn(move || writer(id, path, &stop, &written))
+        })
+        .collect();
+
+    let mut tracking = Tracking::new(
+        LinuxTracker::new(&f.bpf).unwrap(),
+        Store::open(&f.state).unwrap(),
+    );
+    let src = open_direct(&dev.path);
+    let mut replica = vec![0u8; DEVICE as usize];
+    let mut drained = BTreeSet::new();
+    let mut copy = |tracking: &mut Tracking<LinuxTracker>, replica: &mut Vec<u8>| {
+        let report = tracking.drain(&dev.path).unwrap();
+        assert_eq!(report.state, "tracking", "{:?}", report.reason);
+        for [offset, len] in report.extents {
+            let end = (offset + len) as usize;
+            if replica.len() < end {
+                replica.resize(end, 0);
+            }
+            let mut buf = AlignedBuf::new(len as usize);
+            src.read_exact_at(buf.as_mut(), offset).unwrap();
+            replica[offset as usize..end].copy_from_slice(buf.as_ref());
+            drained.extend((offset / CHUNK)..((offset + len) / CHUNK));
+        }
+    };
+    for i in 1..=GROWTHS {
+        copy(&mut tracking, &mut replica);
+        dev.grow(DEVICE + i * STEP);
+        copy(&mut tracking, &mut replica);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    copy(&mut tracking, &mut replica);
+
+    let size = DEVICE + GROWTHS * STEP;
+    assert_eq!(
+        replica.len() as u64,
+        size,
+        "the grown space was not all marked dirty"
+    );
+    let written = written.lock().unwrap();
+    let missed: Vec<_> = written.difference(&drained).take(10).collect();
+    assert!(
+        missed.is_empty(),
+        "written chunks never drained: {missed:?}"
+    );
+    let mut now = AlignedBuf::new(size as usize);
+    src.read_exact_at(now.as_mut(), 0).unwrap();
+    let stale: Vec<u64> = (0..size / CHUNK)
+        .filter(|c| {
+            let r = (*c * CHUNK) as usize..((*c + 1) * CHUNK) as usize;
+            replica[r.clone()] != now.as_ref()[r]
+        })
+        .take(10)
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "replica is stale at chunks {stale:?} after {writes} writes and {GROWTHS} growths"
+    );
+    assert!(
+        writes > 100,
+        "too little load to prove anything: {writes} writes"
+    );
+}

@@ -130,6 +130,18 @@ impl LoopDev {
         Self { path, backing }
     }
 
+    /// Extends the backing file to `size` and has the loop driver take the
+    /// new size (`losetup -c`), as an admin grows a volume.
+    pub fn grow(&self, size: u64) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.backing)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        run("losetup", &["-c", self.arg()]);
+    }
+
     pub fn partition(&self, n: u32) -> PathBuf {
         PathBuf::from(format!("{}p{n}", self.path.display()))
     }

@@ -112,7 +112,10 @@ pub enum SyncError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the target image is {image} bytes, smaller than the source ({source_size} bytes)")]
+    #[error(
+        "the target image is {image} bytes, smaller than the source ({source_size} bytes){}",
+        refusal_hint(ErrorCode::ImageTooSmall)
+    )]
     ImageTooSmall { image: u64, source_size: u64 },
     #[error("device too large for its chunk size (more than 2^32 chunks)")]
     TooLarge,
@@ -125,6 +128,11 @@ fn refusal_hint(code: ErrorCode) -> &'static str {
             " (if this device should own the image now, for example after `ferry track \
              remove` and tracking it again, run `ferry sync --force-new-source`: it \
              compares checksums and ships only what differs)"
+        }
+        ErrorCode::ImageTooSmall => {
+            " (if the source disk grew, grow the image to the source's size, with \
+             `truncate -s SIZE IMAGE` for a raw image or `qemu-img resize IMAGE SIZE` for \
+             qcow2, and sync again; the changes wait on this host until then)"
         }
         _ => "",
     }

@@ -33,8 +33,8 @@ use tracker_common::{
 };
 
 use super::{
-    bitmap, btf::Btf, ChunkSize, Counters, Epoch, ProgramStats, SlotStatus, TrackSpec, Tracker,
-    TrackerError,
+    bitmap, btf::Btf, ChunkSize, Counters, Epoch, ProgramStats, Resized, SlotStatus, TrackSpec,
+    Tracker, TrackerError,
 };
 use crate::{device::DevNum, sys};
 
@@ -59,6 +59,31 @@ fn map_err<E: std::error::Error + Send + Sync + 'static>(
         map,
         op,
         source: Box::new(e),
+    }
+}
+
+/// The chunks `spec` needs, refused past what a bitmap can index.
+fn checked_chunks(spec: &TrackSpec) -> Result<u64, TrackerError> {
+    let chunks = spec.nr_chunks();
+    if chunks > 1 << 32 {
+        return Err(TrackerError::TooLarge {
+            dev: spec.device.dev,
+            chunks,
+            chunk_size: spec.chunk.bytes(),
+        });
+    }
+    Ok(chunks)
+}
+
+/// The program's view of `spec` tracked in `slot`.
+fn slot_ref(spec: &TrackSpec, slot: u32) -> SlotRef {
+    SlotRef {
+        start_sector: spec.device.start_sector,
+        nr_sectors: spec.device.nr_sectors,
+        slot,
+        chunk_shift: spec.chunk.shift(),
+        dev: spec.device.dev.kernel(),
+        _pad: 0,
     }
 }
 
@@ -322,18 +347,9 @@ impl Loaded {
         Ok(&self.mapped[&slot])
     }
 
-    /// Moves ranges the program could not mark inline into their bitmaps, so
-    /// that a following peek or drain sees them.
-    fn fold_wide(&mut self) -> Result<(), TrackerError> {
-        let mut records = Vec::new();
-        while let Some(item) = self.wide.next() {
-            if item.len() >= std::mem::size_of::<WideRecord>() {
-                // SAFETY: the ring item holds at least one WideRecord written
-                // by the program; read_unaligned copes with any alignment.
-                records.push(unsafe { item.as_ptr().cast::<WideRecord>().read_unaligned() });
-            }
-        }
-        let live: BTreeSet<u32> = self
+    /// The slots some disk entry refers to.
+    fn used_slots(&self) -> Result<BTreeSet<u32>, TrackerError> {
+        Ok(self
             .entries()?
             .iter()
             .flat_map(|(_, e)| {
@@ -342,17 +358,64 @@ impl Loaded {
                     .map(|s| s.slot)
                     .collect::<Vec<_>>()
             })
-            .collect();
-        for rec in records {
-            if live.contains(&rec.slot) {
-                bitmap::set_range(
-                    self.words(rec.slot)?.words(),
-                    rec.first_chunk,
-                    rec.last_chunk,
-                );
+            .collect())
+    }
+
+    /// Moves ranges the program could not mark inline into their bitmaps, so
+    /// that a following peek or drain sees them.
+    fn fold_wide(&mut self) -> Result<(), TrackerError> {
+        self.fold_wide_with(None)
+    }
+
+    /// [`Self::fold_wide`], also folding the records of `retired`, a slot
+    /// just taken out of the disk entries, into its bitmap.
+    fn fold_wide_with(
+        &mut self,
+        retired: Option<(u32, &sys::mmap::SharedWords)>,
+    ) -> Result<(), TrackerError> {
+        let mut records = Vec::new();
+        while let Some(item) = self.wide.next() {
+            if item.len() >= std::mem::size_of::<WideRecord>() {
+                // SAFETY: the ring item holds at least one WideRecord written
+                // by the program; read_unaligned copes with any alignment.
+                records.push(unsafe { item.as_ptr().cast::<WideRecord>().read_unaligned() });
             }
         }
+        let live = self.used_slots()?;
+        for rec in records {
+            let words = match retired {
+                Some((slot, words)) if slot == rec.slot => words,
+                _ if live.contains(&rec.slot) => self.words(rec.slot)?,
+                _ => continue,
+            };
+            bitmap::set_range(words.words(), rec.first_chunk, rec.last_chunk);
+        }
         Ok(())
+    }
+
+    /// Takes a free slot and gives it an empty bitmap of `chunks` bits and
+    /// zeroed counters; no disk entry refers to it yet.
+    fn install_slot(&mut self, chunks: u64) -> Result<u32, TrackerError> {
+        let used = self.used_slots()?;
+        let slot = (0..MAX_SLOTS)
+            .find(|s| !used.contains(s))
+            .ok_or(TrackerError::TooManyDevices { max: MAX_SLOTS })?;
+        let words = tracker_common::words_for_chunks(chunks).max(1) as u32;
+        const BPF_MAP_TYPE_ARRAY: u32 = 2;
+        let def = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 8, words, BITMAP_MAP_FLAGS);
+        let inner = MapData::create(def, "ferry_bitmap", None)
+            .map_err(map_err("BITMAPS", "create bitmap"))?;
+        self.bitmaps
+            .set(slot, &inner, 0)
+            .map_err(map_err("BITMAPS", "install bitmap"))?;
+        let ncpus = sys::possible_cpus().map_err(map_err("STATS", "count CPUs"))?;
+        let zero = PerCpuValues::try_from(vec![SlotStats::default(); ncpus])
+            .map_err(map_err("STATS", "reset"))?;
+        self.stats
+            .set(slot, zero, 0)
+            .map_err(map_err("STATS", "reset"))?;
+        self.mapped.remove(&slot);
+        Ok(slot)
     }
 
     fn counters(&self, slot: u32) -> Result<Counters, TrackerError> {
@@ -370,73 +433,29 @@ impl Loaded {
 impl Tracker for LinuxTracker {
     fn add(&mut self, spec: &TrackSpec) -> Result<Epoch, TrackerError> {
         let dev = spec.device.dev;
-        let chunks = spec.nr_chunks();
-        if chunks > 1 << 32 {
-            return Err(TrackerError::TooLarge {
-                dev,
-                chunks,
-                chunk_size: spec.chunk.bytes(),
-            });
-        }
+        let chunks = checked_chunks(spec)?;
         if let Some(loaded) = self.open()? {
             if loaded.find(dev)?.is_some() {
                 return Err(TrackerError::AlreadyTracked { dev });
             }
         }
         let loaded = self.ensure_loaded()?;
-        let entries = loaded.entries()?;
-        let used: BTreeSet<u32> = entries
-            .iter()
-            .flat_map(|(_, e)| {
-                e.slots[..e.count as usize]
-                    .iter()
-                    .map(|s| s.slot)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let slot = (0..MAX_SLOTS)
-            .find(|s| !used.contains(s))
-            .ok_or(TrackerError::TooManyDevices { max: MAX_SLOTS })?;
         let disk = spec.device.disk.kernel();
-        let mut entry = entries
-            .iter()
+        let mut entry = loaded
+            .entries()?
+            .into_iter()
             .find(|(d, _)| *d == disk)
-            .map(|(_, e)| *e)
+            .map(|(_, e)| e)
             .unwrap_or_default();
         if entry.count as usize >= MAX_SLOTS_PER_DISK {
             return Err(TrackerError::TooManyDevices {
                 max: MAX_SLOTS_PER_DISK as u32,
             });
         }
-
         // Bitmap and counters first, then the disk entry: the program only
         // finds the slot once everything it needs exists.
-        let words = tracker_common::words_for_chunks(chunks).max(1) as u32;
-        const BPF_MAP_TYPE_ARRAY: u32 = 2;
-        let def = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 8, words, BITMAP_MAP_FLAGS);
-        let inner = MapData::create(def, "ferry_bitmap", None)
-            .map_err(map_err("BITMAPS", "create bitmap"))?;
-        loaded
-            .bitmaps
-            .set(slot, &inner, 0)
-            .map_err(map_err("BITMAPS", "install bitmap"))?;
-        let ncpus = sys::possible_cpus().map_err(map_err("STATS", "count CPUs"))?;
-        let zero = PerCpuValues::try_from(vec![SlotStats::default(); ncpus])
-            .map_err(map_err("STATS", "reset"))?;
-        loaded
-            .stats
-            .set(slot, zero, 0)
-            .map_err(map_err("STATS", "reset"))?;
-        loaded.mapped.remove(&slot);
-
-        entry.slots[entry.count as usize] = SlotRef {
-            start_sector: spec.device.start_sector,
-            nr_sectors: spec.device.nr_sectors,
-            slot,
-            chunk_shift: spec.chunk.shift(),
-            dev: dev.kernel(),
-            _pad: 0,
-        };
+        let slot = loaded.install_slot(chunks)?;
+        entry.slots[entry.count as usize] = slot_ref(spec, slot);
         entry.count += 1;
         entry.zone_sectors = spec.device.zone_sectors;
         if spec.device.request_based {
@@ -448,6 +467,43 @@ impl Tracker for LinuxTracker {
             .map_err(map_err("DISKS", "insert"))?;
         self.epoch()?
             .ok_or_else(|| TrackerError::Load("tracker vanished after load".into()))
+    }
+
+    fn resize(&mut self, spec: &TrackSpec) -> Result<Resized, TrackerError> {
+        let dev = spec.device.dev;
+        let chunks = checked_chunks(spec)?;
+        let loaded = self.open()?.ok_or(TrackerError::NotTracked { dev })?;
+        let (disk, old) = loaded.find(dev)?.ok_or(TrackerError::NotTracked { dev })?;
+        let slot = loaded.install_slot(chunks)?;
+        // The old bitmap stays mapped (and so alive) after it leaves BITMAPS.
+        loaded.words(old.slot)?;
+        let old_words = loaded.mapped.remove(&old.slot).expect("mapped just now");
+        let mut entry = loaded
+            .disks
+            .get(&disk, 0)
+            .map_err(map_err("DISKS", "read"))?;
+        for s in &mut entry.slots[..entry.count as usize] {
+            if s.slot == old.slot {
+                *s = slot_ref(spec, slot);
+            }
+        }
+        // One update replaces the whole entry: a program run sees the old
+        // slot or the new one, and from here on every mark, the completion
+        // marks of writes already in flight included, lands in the new one.
+        loaded
+            .disks
+            .insert(disk, entry, 0)
+            .map_err(map_err("DISKS", "update"))?;
+        // Deleting from an array of maps returns only once every program
+        // run that began before it has ended (the kernel waits for an RCU
+        // grace period), so no run still holds the old bitmap after this.
+        sys::bpf::delete_array_entry(loaded.bitmaps_raw.fd().as_fd(), old.slot)
+            .map_err(map_err("BITMAPS", "free bitmap"))?;
+        loaded.fold_wide_with(Some((old.slot, &old_words)))?;
+        Ok(Resized {
+            bits: bitmap::take(old_words.words()),
+            overflows: loaded.counters(old.slot)?.overflows,
+        })
     }
 
     fn remove(&mut self, dev: DevNum) -> Result<(), TrackerError> {

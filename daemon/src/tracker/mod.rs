@@ -170,6 +170,15 @@ pub struct SlotStatus {
     pub bitmap_bytes: u64,
 }
 
+/// What a device's old bitmap held when [`Tracker::resize`] retired it.
+#[derive(Clone, Debug, Default)]
+pub struct Resized {
+    /// Chunks marked and not drained yet.
+    pub bits: RoaringBitmap,
+    /// The old slot's lost-mark count, as [`Counters::overflows`].
+    pub overflows: u64,
+}
+
 /// Cost of the tracker programs (needs `kernel.bpf_stats_enabled=1`).
 #[derive(Clone, Debug, Serialize)]
 pub struct ProgramStats {
@@ -183,6 +192,10 @@ pub struct ProgramStats {
 pub trait Tracker {
     /// Starts tracking; returns the epoch the device is tracked under.
     fn add(&mut self, spec: &TrackSpec) -> Result<Epoch, TrackerError>;
+    /// Tracks a device again at the size `spec` gives it now (a grown or
+    /// shrunk volume), with no moment untracked: marks go to a new bitmap
+    /// from one instant on. Returns what the old bitmap held until then.
+    fn resize(&mut self, spec: &TrackSpec) -> Result<Resized, TrackerError>;
     /// Stops tracking and frees the bitmap; unloads the program with the last device.
     fn remove(&mut self, dev: DevNum) -> Result<(), TrackerError>;
     /// Every tracked device.
