@@ -269,13 +269,7 @@ impl<T: Tracker> Tracking<T> {
             }
         };
         set |= &kernel;
-        if let Err(e) = self.persist(dev, &set, &kernel) {
-            // Bits some target may already hold are harmless twice.
-            self.tracker.reclaim(dev, &kernel)?;
-            rec.draining = false;
-            let _ = self.store.save_record(dev, rec);
-            return Err(e.into());
-        }
+        self.persist(rec, &set, &kernel)?;
         if rec.draining {
             rec.draining = false;
             self.store.save_record(dev, rec)?;
@@ -284,18 +278,29 @@ impl<T: Tracker> Tracking<T> {
     }
 
     /// Saves `set` as the device's pending set and merges `taken` (the bits
-    /// just taken from the kernel) into every target's.
+    /// just taken from the kernel) into every target's. If that fails,
+    /// `taken` goes back to the kernel (bits some target may already hold
+    /// are harmless twice) and the in-use flag is dropped.
     fn persist(
-        &self,
-        dev: DevNum,
+        &mut self,
+        rec: &mut DeviceRecord,
         set: &RoaringBitmap,
         taken: &RoaringBitmap,
-    ) -> Result<(), StoreError> {
-        self.store.save_pending(dev, set)?;
-        for (id, _) in self.store.targets_of(dev)? {
-            let mut t = self.store.target_set(&id, Set::Pending)?;
-            t |= taken;
-            self.store.save_target_set(&id, Set::Pending, &t)?;
+    ) -> Result<(), TrackError> {
+        let dev = dev_of(rec);
+        let saved = self.store.save_pending(dev, set).and_then(|()| {
+            for (id, _) in self.store.targets_of(dev)? {
+                let mut t = self.store.target_set(&id, Set::Pending)?;
+                t |= taken;
+                self.store.save_target_set(&id, Set::Pending, &t)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = saved {
+            self.tracker.reclaim(dev, taken)?;
+            rec.draining = false;
+            let _ = self.store.save_record(dev, rec);
+            return Err(e.into());
         }
         Ok(())
     }
@@ -329,12 +334,7 @@ impl<T: Tracker> Tracking<T> {
         }
         let mut set = self.store.pending(dev)?;
         set |= &taken;
-        if let Err(e) = self.persist(dev, &set, &taken) {
-            self.tracker.reclaim(dev, &taken)?;
-            rec.draining = false;
-            let _ = self.store.save_record(dev, rec);
-            return Err(e.into());
-        }
+        self.persist(rec, &set, &taken)?;
         let lost = (resized.overflows > rec.overflows_seen).then(|| {
             let n = resized.overflows - rec.overflows_seen;
             format!("overflow ({n} marks could not be recorded)")

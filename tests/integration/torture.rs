@@ -42,15 +42,7 @@ fn concurrent_writers_and_drainer_lose_nothing() {
     let f = Ferry::new();
     f.ok(&["track", "add", dev.arg(), "--chunk-size", "4K"]);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(Mutex::new(BTreeSet::new()));
-    let writers: Vec<_> = (0..2u64)
-        .map(|id| {
-            let (path, stop, written) = (dev.path.clone(), stop.clone(), written.clone());
-            std::thread::spawn(move || writer(id, path, &stop, &written))
-        })
-        .collect();
-
+    let writers = Writers::start(&dev);
     let mut tracking = Tracking::new(
         LinuxTracker::new(&f.bpf).unwrap(),
         Store::open(&f.state).unwrap(),
@@ -59,30 +51,20 @@ fn concurrent_writers_and_drainer_lose_nothing() {
     let mut replica = vec![0u8; DEVICE as usize];
     let mut drained = BTreeSet::new();
     let mut drains = 0u64;
-    let mut copy = |tracking: &mut Tracking<LinuxTracker>, drained: &mut BTreeSet<u64>| {
-        let report = tracking.drain(&dev.path).unwrap();
-        assert_eq!(report.state, "tracking", "{:?}", report.reason);
-        for [offset, len] in report.extents {
-            let mut buf = AlignedBuf::new(len as usize);
-            src.read_exact_at(buf.as_mut(), offset).unwrap();
-            replica[offset as usize..(offset + len) as usize].copy_from_slice(buf.as_ref());
-            drained.extend((offset / CHUNK)..((offset + len) / CHUNK));
-        }
-    };
     let deadline = Instant::now() + Duration::from_secs(seconds());
     while Instant::now() < deadline {
-        copy(&mut tracking, &mut drained);
+        copy_drained(&mut tracking, &dev, &src, &mut replica, &mut drained);
         drains += 1;
     }
-    stop.store(true, Ordering::Relaxed);
-    let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
-    copy(&mut tracking, &mut drained);
+    let (writes, written) = writers.stop();
+    copy_drained(&mut tracking, &dev, &src, &mut replica, &mut drained);
 
     drop(tracking); // releases the state lock for the CLI below
-                    // Writes marked at submission were marked again at completion: the
-                    // completion mark is what keeps a drain racing a write lossless. Loop is
-                    // request-based, so completions count requests; random 64 KiB writes
-                    // from two threads almost never merge, so the counts nearly match.
+
+    // Writes marked at submission were marked again at completion: the
+    // completion mark is what keeps a drain racing a write lossless. Loop is
+    // request-based, so completions count requests; random 64 KiB writes
+    // from two threads almost never merge, so the counts nearly match.
     let list = f.json(&["track", "list"]);
     let counters = &list["devices"][0]["counters"];
     let (w, c) = (
@@ -95,7 +77,6 @@ fn concurrent_writers_and_drainer_lose_nothing() {
     );
     assert_eq!(counters["overflows"], 0, "{counters}");
 
-    let written = written.lock().unwrap();
     let missed: Vec<_> = written.difference(&drained).take(10).collect();
     assert!(
         missed.is_empty(),
@@ -103,15 +84,7 @@ fn concurrent_writers_and_drainer_lose_nothing() {
         written.len()
     );
 
-    let mut now = AlignedBuf::new(DEVICE as usize);
-    src.read_exact_at(now.as_mut(), 0).unwrap();
-    let stale: Vec<u64> = (0..DEVICE / CHUNK)
-        .filter(|c| {
-            let r = (*c * CHUNK) as usize..((*c + 1) * CHUNK) as usize;
-            replica[r.clone()] != now.as_ref()[r]
-        })
-        .take(10)
-        .collect();
+    let stale = stale_chunks(&src, &replica);
     assert!(
         stale.is_empty(),
         "replica is stale at chunks {stale:?} after {writes} writes, {drains} drains"
@@ -124,6 +97,86 @@ fn concurrent_writers_and_drainer_lose_nothing() {
         writes > 1000 && drains >= 20,
         "too little load to prove anything: {writes} writes, {drains} drains"
     );
+}
+
+/// Two [`writer`]s on a device's first [`DEVICE`] bytes.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    written: Arc<Mutex<BTreeSet<u64>>>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl Writers {
+    fn start(dev: &LoopDev) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(Mutex::new(BTreeSet::new()));
+        let threads = (0..2u64)
+            .map(|id| {
+                let (path, stop, written) = (dev.path.clone(), stop.clone(), written.clone());
+                std::thread::spawn(move || writer(id, path, &stop, &written))
+            })
+            .collect();
+        Self {
+            stop,
+            written,
+            threads,
+        }
+    }
+
+    /// Stops them; the writes made, and the chunks they wrote.
+    fn stop(mut self) -> (u64, BTreeSet<u64>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let threads = std::mem::take(&mut self.threads);
+        let writes = threads.into_iter().map(|w| w.join().unwrap()).sum();
+        let written = std::mem::take(&mut *self.written.lock().unwrap());
+        (writes, written)
+    }
+}
+
+impl Drop for Writers {
+    /// A failed test stops them too, before its device goes away.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.threads.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Drains `dev` and copies each drained extent from `src` into `replica`
+/// (grown as the extents need), as a sync would; records the chunks.
+fn copy_drained(
+    tracking: &mut Tracking<LinuxTracker>,
+    dev: &LoopDev,
+    src: &std::fs::File,
+    replica: &mut Vec<u8>,
+    drained: &mut BTreeSet<u64>,
+) {
+    let report = tracking.drain(&dev.path).unwrap();
+    assert_eq!(report.state, "tracking", "{:?}", report.reason);
+    for [offset, len] in report.extents {
+        let end = (offset + len) as usize;
+        if replica.len() < end {
+            replica.resize(end, 0);
+        }
+        let mut buf = AlignedBuf::new(len as usize);
+        src.read_exact_at(buf.as_mut(), offset).unwrap();
+        replica[offset as usize..end].copy_from_slice(buf.as_ref());
+        drained.extend((offset / CHUNK)..((offset + len) / CHUNK));
+    }
+}
+
+/// The first chunks (ten at most) where `replica` differs from the device.
+fn stale_chunks(src: &std::fs::File, replica: &[u8]) -> Vec<u64> {
+    let mut now = AlignedBuf::new(replica.len());
+    src.read_exact_at(now.as_mut(), 0).unwrap();
+    (0..replica.len() as u64 / CHUNK)
+        .filter(|c| {
+            let r = (*c * CHUNK) as usize..((*c + 1) * CHUNK) as usize;
+            replica[r.clone()] != now.as_ref()[r]
+        })
+        .take(10)
+        .collect()
 }
 
 /// Writes random 64 KiB blocks, each stamped with (writer, sequence), until
@@ -163,15 +216,7 @@ fn growing_under_writers_loses_nothing() {
     let dev = LoopDev::new(DEVICE);
     let f = Ferry::new();
     f.ok(&["track", "add", dev.arg(), "--chunk-size", "4K"]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(Mutex::new(BTreeSet::new()));
-    let writers: Vec<_> = (0..2u64)
-        .map(|id| {
-            let (path, stop, written) = (dev.path.clone(), stop.clone(), written.clone());
-            std::thread::spawn(move || writer(id, path, &stop, &written))
-        })
-        .collect();
-
+    let writers = Writers::start(&dev);
     let mut tracking = Tracking::new(
         LinuxTracker::new(&f.bpf).unwrap(),
         Store::open(&f.state).unwrap(),
@@ -179,50 +224,25 @@ fn growing_under_writers_loses_nothing() {
     let src = open_direct(&dev.path);
     let mut replica = vec![0u8; DEVICE as usize];
     let mut drained = BTreeSet::new();
-    let mut copy = |tracking: &mut Tracking<LinuxTracker>, replica: &mut Vec<u8>| {
-        let report = tracking.drain(&dev.path).unwrap();
-        assert_eq!(report.state, "tracking", "{:?}", report.reason);
-        for [offset, len] in report.extents {
-            let end = (offset + len) as usize;
-            if replica.len() < end {
-                replica.resize(end, 0);
-            }
-            let mut buf = AlignedBuf::new(len as usize);
-            src.read_exact_at(buf.as_mut(), offset).unwrap();
-            replica[offset as usize..end].copy_from_slice(buf.as_ref());
-            drained.extend((offset / CHUNK)..((offset + len) / CHUNK));
-        }
-    };
     for i in 1..=GROWTHS {
-        copy(&mut tracking, &mut replica);
+        copy_drained(&mut tracking, &dev, &src, &mut replica, &mut drained);
         dev.grow(DEVICE + i * STEP);
-        copy(&mut tracking, &mut replica);
+        copy_drained(&mut tracking, &dev, &src, &mut replica, &mut drained);
     }
-    stop.store(true, Ordering::Relaxed);
-    let writes: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
-    copy(&mut tracking, &mut replica);
+    let (writes, written) = writers.stop();
+    copy_drained(&mut tracking, &dev, &src, &mut replica, &mut drained);
 
-    let size = DEVICE + GROWTHS * STEP;
     assert_eq!(
         replica.len() as u64,
-        size,
+        DEVICE + GROWTHS * STEP,
         "the grown space was not all marked dirty"
     );
-    let written = written.lock().unwrap();
     let missed: Vec<_> = written.difference(&drained).take(10).collect();
     assert!(
         missed.is_empty(),
         "written chunks never drained: {missed:?}"
     );
-    let mut now = AlignedBuf::new(size as usize);
-    src.read_exact_at(now.as_mut(), 0).unwrap();
-    let stale: Vec<u64> = (0..size / CHUNK)
-        .filter(|c| {
-            let r = (*c * CHUNK) as usize..((*c + 1) * CHUNK) as usize;
-            replica[r.clone()] != now.as_ref()[r]
-        })
-        .take(10)
-        .collect();
+    let stale = stale_chunks(&src, &replica);
     assert!(
         stale.is_empty(),
         "replica is stale at chunks {stale:?} after {writes} writes and {GROWTHS} growths"
