@@ -82,6 +82,11 @@ pub struct BlockDevice {
     pub zone_sectors: u32,
     /// The disk is blk-mq (request-based), as opposed to bio-based.
     pub request_based: bool,
+    /// The whole disk's media sequence number (`diskseq`, Linux 5.15 on).
+    /// The kernel gives a disk a new one whenever it may hold other data:
+    /// a loop device detached or attached to a file, a medium changed, the
+    /// same number reused for another disk. `None` where there is none.
+    pub diskseq: Option<u64>,
 }
 
 impl BlockDevice {
@@ -143,8 +148,12 @@ impl BlockDevice {
                 .unwrap_or(0)
         };
         let request_based = diskdir.join("mq").exists();
+        let diskseq = fs::read_to_string(diskdir.join("diskseq"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         Ok(Self {
             request_based,
+            diskseq,
             path: canon,
             dev,
             disk,

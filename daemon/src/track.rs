@@ -181,6 +181,7 @@ impl<T: Tracker> Tracking<T> {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             source_id: Some(source_id),
+            diskseq: device.diskseq,
         };
         let saved = self
             .store
@@ -303,6 +304,26 @@ impl<T: Tracker> Tracking<T> {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// Why the device's bits cannot describe what it holds now, if the
+    /// kernel says it holds other media than when they began to count (a
+    /// loop device detached and attached again, a disk swapped under the
+    /// same number): the writes that made the difference were never seen.
+    /// Records the new media sequence number; the caller saves the record.
+    fn media_changed(&self, rec: &mut DeviceRecord) -> Option<String> {
+        let now = BlockDevice::resolve(&rec.path)
+            .ok()
+            .filter(|d| d.dev == dev_of(rec))?
+            .diskseq?;
+        let was = rec.diskseq.replace(now);
+        match was {
+            Some(was) if was != now => Some(format!(
+                "other media in the device (disk sequence number {was}, now {now})"
+            )),
+            // Records from before media numbers were kept adopt this one.
+            _ => None,
+        }
     }
 
     /// Follows a device whose size changed since it was tracked (a grown
@@ -429,6 +450,10 @@ impl<T: Tracker> Tracking<T> {
                 rec.missed_runs_seen = missed;
             }
         }
+        let seq_before = rec.diskseq;
+        if let Some(r) = self.media_changed(rec) {
+            reason.get_or_insert(r);
+        }
         if lost {
             self.rearm(rec)?;
         } else if let Some(r) = self.follow_resize(rec)? {
@@ -448,7 +473,7 @@ impl<T: Tracker> Tracking<T> {
                 reason = None;
             }
         }
-        if reason != rec.needs_resync || lost {
+        if reason != rec.needs_resync || lost || rec.diskseq != seq_before {
             rec.needs_resync = reason;
             self.store.save_record(dev, rec)?;
         }
@@ -477,6 +502,7 @@ impl<T: Tracker> Tracking<T> {
         // taken as it is: the pending resync covers the whole device.
         rec.nr_sectors = device.nr_sectors;
         rec.start_sector = device.start_sector;
+        rec.diskseq = device.diskseq;
         let chunk = ChunkSize::from_bytes(rec.chunk_size).unwrap_or(ChunkSize::DEFAULT);
         let _ = self.tracker.remove(dev);
         rec.epoch = self.tracker.add(&TrackSpec { device, chunk })?;

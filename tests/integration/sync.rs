@@ -741,6 +741,40 @@ fn a_grown_device_ships_its_new_space() {
 }
 
 #[test]
+fn other_media_under_the_same_device_is_compared_not_trusted() {
+    if !privileged("other_media_under_the_same_device_is_compared_not_trusted") {
+        return;
+    }
+    let mut s = Standby::file(32 * MIB);
+    scatter(&s.dev, 71);
+    s.sync();
+    // The loop device gets another file under the same number: a copy of
+    // its disk changed elsewhere, by writes the tracker never saw.
+    let other = PathBuf::from(format!("{}.other", s.dev.backing.display()));
+    std::fs::copy(&s.dev.backing, &other).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&other)
+            .unwrap();
+        f.write_all_at(&[0xc3; 8192], 9 * MIB).unwrap();
+        f.write_all_at(&[0x3c; 4096], 30 * MIB).unwrap();
+    }
+    s.dev.reattach(other);
+    write_direct(&s.dev.path, 5 * MIB, 4096, 0x42);
+    let r = s.sync();
+    assert_eq!(r["mode"], "resync", "{r}");
+    assert!(
+        r["resync_reason"].as_str().unwrap().contains("other media"),
+        "{r}"
+    );
+    assert!(s.identical(), "{r}");
+    let next = s.sync();
+    assert_eq!(next["mode"], "incremental", "{next}");
+}
+
+#[test]
 fn lost_tracking_state_leads_to_checksum_resync() {
     if !privileged("lost_tracking_state_leads_to_checksum_resync") {
         return;

@@ -142,6 +142,24 @@ impl LoopDev {
         run("losetup", &["-c", self.arg()]);
     }
 
+    /// Detaches the device and attaches it, under the same number, to
+    /// `backing` (which it then owns), as an admin swaps the file under a
+    /// loop device. Another process may take the number in between; the
+    /// test then fails, and leaves that device alone.
+    pub fn reattach(&mut self, backing: PathBuf) {
+        run("losetup", &["-d", self.arg()]);
+        let old = std::mem::replace(&mut self.backing, backing);
+        let _ = std::fs::remove_file(old);
+        run("losetup", &[self.arg(), self.backing.to_str().unwrap()]);
+    }
+
+    /// Whether the device is attached to `backing` now.
+    fn attached_to(&self, backing: &Path) -> bool {
+        let name = self.path.file_name().unwrap().to_str().unwrap();
+        std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+            .is_ok_and(|b| Path::new(b.trim()) == backing)
+    }
+
     pub fn partition(&self, n: u32) -> PathBuf {
         PathBuf::from(format!("{}p{n}", self.path.display()))
     }
@@ -237,7 +255,11 @@ pub fn write_random(path: &Path, offset: u64, len: usize, seed: u64) {
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        // Only while it is still ours: after a failed `reattach` the number
+        // may belong to someone else.
+        if self.attached_to(&self.backing) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+        }
         let _ = std::fs::remove_file(&self.backing);
     }
 }

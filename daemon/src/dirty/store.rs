@@ -79,6 +79,11 @@ pub struct DeviceRecord {
     /// when tracking began). Targets record it and refuse other sources.
     #[serde(default)]
     pub source_id: Option<String>,
+    /// The disk's media sequence number when its bits began to count
+    /// ([`crate::device::BlockDevice::diskseq`]); another one means other
+    /// media, whose writes were never seen.
+    #[serde(default)]
+    pub diskseq: Option<u64>,
 }
 
 /// The state directory, locked for the life of this value.
@@ -298,6 +303,7 @@ mod tests {
             missed_runs_seen: 0,
             draining: false,
             added_at: 1,
+            diskseq: Some(3),
             source_id: None,
         }
     }
