@@ -331,15 +331,25 @@ impl<T: Tracker> Tracking<T> {
     /// with no gap, keeps what the old bitmap held, and marks the space it
     /// gained (from the chunk the old end fell in) dirty. Bracketed by the
     /// in-use flag like a drain: the old bits exist only here meanwhile.
-    /// Returns a reason to resync if the old bitmap lost marks.
+    /// Returns a reason to resync if the partition moved or the old bitmap
+    /// lost marks.
     fn follow_resize(&mut self, rec: &mut DeviceRecord) -> Result<Option<String>, TrackError> {
         let dev = dev_of(rec);
         let Ok(device) = BlockDevice::resolve(&rec.path) else {
             return Ok(None); // gone: nothing to follow
         };
-        if device.dev != dev || device.nr_sectors == rec.nr_sectors {
+        if device.dev != dev
+            || (device.nr_sectors == rec.nr_sectors && device.start_sector == rec.start_sector)
+        {
             return Ok(None);
         }
+        // A partition that starts elsewhere holds data its bits never saw.
+        let moved = (device.start_sector != rec.start_sector).then(|| {
+            format!(
+                "the partition moved (start sector {}, now {})",
+                rec.start_sector, device.start_sector
+            )
+        });
         let chunk = ChunkSize::from_bytes(rec.chunk_size).unwrap_or(ChunkSize::DEFAULT);
         let (was, now) = (rec.nr_sectors * 512, device.size_bytes());
         let start_sector = device.start_sector;
@@ -356,21 +366,25 @@ impl<T: Tracker> Tracking<T> {
         let mut set = self.store.pending(dev)?;
         set |= &taken;
         self.persist(rec, &set, &taken)?;
-        let lost = (resized.overflows > rec.overflows_seen).then(|| {
-            let n = resized.overflows - rec.overflows_seen;
-            format!("overflow ({n} marks could not be recorded)")
+        let lost = moved.or_else(|| {
+            (resized.overflows > rec.overflows_seen).then(|| {
+                let n = resized.overflows - rec.overflows_seen;
+                format!("overflow ({n} marks could not be recorded)")
+            })
         });
-        tracing::info!(
-            "{}: size changed from {} to {}; tracking follows{}",
-            rec.path.display(),
-            crate::human(was),
-            crate::human(now),
-            if now > was {
-                ", and the next sync ships the new space"
-            } else {
-                ""
-            },
-        );
+        if now != was {
+            tracing::info!(
+                "{}: size changed from {} to {}; tracking follows{}",
+                rec.path.display(),
+                crate::human(was),
+                crate::human(now),
+                if now > was {
+                    ", and the next sync ships the new space"
+                } else {
+                    ""
+                },
+            );
+        }
         rec.nr_sectors = now / 512;
         rec.start_sector = start_sector;
         rec.overflows_seen = 0;
