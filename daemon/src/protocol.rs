@@ -37,7 +37,7 @@
 //!     participant S as source
 //!     participant A as agent
 //!     S->>A: Hello {version, source_id, device_size, chunk_size, image}
-//!     A->>S: Welcome {version, generation, source_id, image_size, created}
+//!     A->>S: Welcome {version, generation, source_id, image_size, created, altered}
 //!     opt checksum resync
 //!         S->>A: HashRequest {offset, len, block}
 //!         A->>S: HashReply {offset, block, hashes}
@@ -82,7 +82,7 @@ use xxhash_rust::xxh3::Xxh3;
 /// `"FRRY"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Largest payload of one frame; anything larger is malformed.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Size of the frame header.
@@ -295,6 +295,10 @@ pub struct Welcome {
     pub image_size: u64,
     /// The image file was created by this session.
     pub created: bool,
+    /// Something other than ferry wrote to the image after its last commit
+    /// (a standby VM booted on it, a read-write mount): the agent no longer
+    /// vouches for any generation (`generation` is 0).
+    pub altered: bool,
 }
 
 /// Bytes to write at `offset`.
@@ -610,7 +614,7 @@ fn encode_payload(msg: &Message, b: &mut Vec<u8>) {
             b.extend_from_slice(&w.version.to_le_bytes());
             b.extend_from_slice(&w.generation.to_le_bytes());
             b.extend_from_slice(&w.image_size.to_le_bytes());
-            b.push(u8::from(w.created));
+            b.push(u8::from(w.created) | u8::from(w.altered) << 1);
             b.push(u8::from(w.source_id.is_some()));
             b.extend_from_slice(&w.source_id.unwrap_or_default());
         }
@@ -774,7 +778,10 @@ fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, ProtocolError> 
             let parsed = (|| {
                 let generation = f.u64()?;
                 let image_size = f.u64()?;
-                let created = f.bool()?;
+                let flags = f.u8()?;
+                if flags > 0b11 {
+                    return Err(f.malformed("unknown Welcome flags"));
+                }
                 let has_source = f.bool()?;
                 let id: [u8; 16] = f.array()?;
                 if !has_source && id != [0; 16] {
@@ -786,7 +793,8 @@ fn decode_payload(kind: Kind, payload: &[u8]) -> Result<Message, ProtocolError> 
                     generation,
                     source_id: has_source.then_some(id),
                     image_size,
-                    created,
+                    created: flags & 1 != 0,
+                    altered: flags & 2 != 0,
                 })
             })();
             return match parsed {
@@ -965,15 +973,17 @@ mod tests {
                 any::<u64>(),
                 any::<Option<[u8; 16]>>(),
                 any::<u64>(),
+                any::<bool>(),
                 any::<bool>()
             )
-                .prop_map(|(generation, source_id, image_size, created)| {
+                .prop_map(|(generation, source_id, image_size, created, altered)| {
                     Message::Welcome(Welcome {
                         version: VERSION,
                         generation,
                         source_id,
                         image_size,
                         created,
+                        altered,
                     })
                 }),
             data().prop_map(Message::Data),

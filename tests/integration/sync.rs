@@ -717,20 +717,11 @@ fn a_grown_device_ships_its_new_space() {
         list["devices"][0]["dirty_bytes"].as_u64().unwrap() >= 16 * MIB,
         "the new space is not dirty: {list}"
     );
-    // The image is still 32 MiB: refused with the way out, nothing lost.
-    let err = s.f.fails(&s.args("sync", &[]));
-    assert!(err.contains("smaller than the source"), "{err}");
-    assert!(err.contains("truncate -s"), "{err}");
-    // Grown as the hint says, the image gets the new space and the write
-    // made meanwhile, in an incremental, not a resync.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&s.image)
-        .unwrap()
-        .set_len(48 * MIB)
-        .unwrap();
+    // The raw image grows with its source, and gets the new space and the
+    // writes made meanwhile in an incremental, not a resync.
     let r = s.sync();
     assert_eq!(r["mode"], "incremental", "{r}");
+    assert_eq!(std::fs::metadata(&s.image).unwrap().len(), 48 * MIB);
     assert!(s.identical(), "{r}");
     assert!(r["sent_bytes"].as_u64().unwrap() < 2 * MIB, "{r}");
     // The new space is tracked from now on.
@@ -772,6 +763,40 @@ fn other_media_under_the_same_device_is_compared_not_trusted() {
     assert!(s.identical(), "{r}");
     let next = s.sync();
     assert_eq!(next["mode"], "incremental", "{next}");
+}
+
+#[test]
+fn an_image_written_outside_ferry_is_compared_not_trusted() {
+    if !privileged("an_image_written_outside_ferry_is_compared_not_trusted") {
+        return;
+    }
+    let s = Standby::file(32 * MIB);
+    scatter(&s.dev, 81);
+    s.sync();
+    write_direct(&s.dev.path, 3 * MIB, 4096, 0x11);
+    assert_eq!(s.sync()["mode"], "incremental");
+    // Someone boots the standby on the image, or mounts it read-write.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&s.image)
+            .unwrap();
+        f.write_all_at(&[0xee; 4096], 12 * MIB).unwrap();
+    }
+    write_direct(&s.dev.path, 5 * MIB, 4096, 0x22);
+    let r = s.sync();
+    assert_eq!(r["mode"], "resync", "{r}");
+    assert!(
+        r["resync_reason"]
+            .as_str()
+            .unwrap()
+            .contains("something other than ferry"),
+        "{r}"
+    );
+    assert!(s.identical(), "{r}");
+    assert_eq!(s.sync()["mode"], "incremental");
 }
 
 #[test]
@@ -961,16 +986,19 @@ fn killed_resync_is_completed_by_the_next_sync() {
     let s = Standby::file(64 * MIB);
     write_random(&s.dev.path, 16 * MIB, 32 * MIB as usize, 50);
     s.sync();
-    // Damage 32 MiB of the image behind ferry's back: only a checksum
-    // resync can see it.
+    // Damage 32 MiB of the image behind ferry's back, leaving its
+    // modification time as it was (as failing media would): only a
+    // checksum resync can see it.
     {
         use std::os::unix::fs::FileExt;
         let img = std::fs::OpenOptions::new()
             .write(true)
             .open(&s.image)
             .unwrap();
+        let mtime = img.metadata().unwrap().modified().unwrap();
         img.write_all_at(&vec![0xa5; 32 * MIB as usize], 16 * MIB)
             .unwrap();
+        img.set_modified(mtime).unwrap();
     }
     s.interrupted_sync_with(&["--resync"], |child| child.kill().unwrap());
     let next = s.rerun_completes();

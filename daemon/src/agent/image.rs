@@ -247,6 +247,20 @@ impl Image {
         record::write(self.dir(), &self.file_name, &self.name, rec)
     }
 
+    /// The [`record::Stamp`] of the file the image's name leads to now
+    /// (a format may have replaced it since this session opened it).
+    pub fn stamp(&self) -> Result<record::Stamp, AgentError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = sysfs::open_beneath(self.dir.as_fd(), Path::new(&self.file_name), Open::Read)
+            .and_then(|f| f.metadata())
+            .map_err(|e| self.io_err("stat", e))?;
+        Ok(record::Stamp {
+            ino: m.ino(),
+            mtime_sec: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
+    }
+
     pub fn set_len(&self, len: u64) -> Result<(), AgentError> {
         self.file
             .set_len(len)

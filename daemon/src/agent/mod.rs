@@ -222,6 +222,7 @@ fn run<R: Read, W: Write>(
             send(output, &reply)?;
         }
     }
+    session.finish()?;
     Ok(session.summary)
 }
 
@@ -356,6 +357,7 @@ impl Session {
             source_id: rec.as_ref().and_then(CommitRecord::source_bytes),
             image_size: Self::disk_size(image, format)?,
             created: false,
+            altered: false,
         })
     }
 
@@ -388,7 +390,14 @@ impl Session {
         } else {
             Self::disk_size(image, format)?
         };
-        if !fresh && len < hello.device_size {
+        // A source that grew: its raw image grows with it (below, under the
+        // lock). Only an image of the size this source last had, so a wrong
+        // image is still refused.
+        let grow = !fresh
+            && len < hello.device_size
+            && format == Format::Raw
+            && found.as_ref().is_some_and(|r| r.device_size == len);
+        if !fresh && len < hello.device_size && !grow {
             return Err(AgentError::refused(
                 ErrorCode::ImageTooSmall,
                 format!(
@@ -403,6 +412,13 @@ impl Session {
         // generation.
         let claim = found.is_none() || fresh;
         image.lock_session()?;
+        // Written since its last commit by something other than ferry: the
+        // record stops vouching for that generation at once, so a resync
+        // cut short is followed by another.
+        let altered = match found.as_ref().and_then(|r| r.stamp) {
+            Some(was) if !claim => was != image.stamp()?,
+            _ => false,
+        };
         if claim {
             image.write_record(&CommitRecord::new(
                 hello.source_id,
@@ -411,22 +427,34 @@ impl Session {
                 hello.device_size,
                 hello.chunk_size,
             ))?;
+        } else if let Some(rec) = found.as_ref().filter(|r| r.stamp.is_some()) {
+            // This session may write: until its commit, the image is not
+            // what the record describes, and a change by this session (or
+            // one cut short) is no sign of anyone else.
+            image.write_record(&CommitRecord {
+                generation: if altered { 0 } else { rec.generation },
+                stamp: None,
+                ..rec.clone()
+            })?;
         }
         if fresh {
             match format {
                 Format::Raw => image.set_len(hello.device_size)?,
                 _ => image.recreate(format, hello.device_size)?,
             }
+        } else if grow {
+            image.set_len(hello.device_size)?;
         }
         Ok(Welcome {
             version: VERSION,
-            generation: match (&found, claim) {
+            generation: match (&found, claim || altered) {
                 (Some(rec), false) => rec.generation,
                 _ => 0,
             },
             source_id: found.as_ref().and_then(CommitRecord::source_bytes),
             image_size: Self::disk_size(image, format)?,
             created: fresh,
+            altered,
         })
     }
 
@@ -498,7 +526,13 @@ impl Session {
                         )
                     })?;
                     rec.generation = 0;
+                    rec.stamp = None;
                     self.image.write_record(&rec)?;
+                } else if req.op != crate::protocol::ManageOp::List {
+                    // Boot points are ferry's own writes: the image is still
+                    // the committed one.
+                    self.standby.flush().map_err(image_error)?;
+                    self.restamp()?;
                 }
                 Ok(Some(Message::Managed {
                     json: serde_json::to_string(&list).expect("lists always serialise"),
@@ -656,6 +690,29 @@ impl Session {
         })
     }
 
+    /// Ends a session the source closed cleanly. What the format still
+    /// writes on the way out (metadata, a descriptor) is ferry's own: a
+    /// record that vouches for the image gets the image's stamp as left.
+    fn finish(&mut self) -> Result<(), AgentError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.standby.flush().map_err(image_error)?;
+        self.restamp()
+    }
+
+    /// Gives a record that vouches for the image the image's stamp now,
+    /// after writes of ferry's own that change no data.
+    fn restamp(&self) -> Result<(), AgentError> {
+        if let Some(mut rec) = self.image.read_record()? {
+            if rec.stamp.is_some() {
+                rec.stamp = Some(self.image.stamp()?);
+                self.image.write_record(&rec)?;
+            }
+        }
+        Ok(())
+    }
+
     fn commit(&mut self, generation: u64) -> Result<Message, AgentError> {
         if generation == 0 || generation < self.generation {
             return Err(AgentError::refused(
@@ -667,13 +724,16 @@ impl Session {
             ));
         }
         self.standby.flush().map_err(image_error)?;
-        self.image.write_record(&CommitRecord::new(
-            self.source_id,
-            generation,
-            self.bytes_since_commit,
-            self.device_size,
-            self.chunk_size,
-        ))?;
+        self.image.write_record(&CommitRecord {
+            stamp: Some(self.image.stamp()?),
+            ..CommitRecord::new(
+                self.source_id,
+                generation,
+                self.bytes_since_commit,
+                self.device_size,
+                self.chunk_size,
+            )
+        })?;
         let ack = Message::Ack {
             generation,
             bytes_written: self.bytes_since_commit,

@@ -31,6 +31,16 @@ fn temp_name(file_name: &str) -> String {
     format!("{}.tmp", commit_record_name(file_name))
 }
 
+/// The image file's inode and modification time, as `fstat` gives them.
+/// The record holds one only while the image is exactly as ferry committed
+/// it: a later modification time means something else wrote to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub ino: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: i64,
+}
+
 /// What the target knows durably about one image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitRecord {
@@ -47,6 +57,10 @@ pub struct CommitRecord {
     pub chunk_size: u32,
     /// The ferry that wrote the record.
     pub ferry_version: String,
+    /// The image as this commit left it; cleared while a session may be
+    /// writing to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<Stamp>,
 }
 
 impl CommitRecord {
@@ -67,6 +81,7 @@ impl CommitRecord {
             device_size,
             chunk_size,
             ferry_version: env!("CARGO_PKG_VERSION").to_owned(),
+            stamp: None,
         }
     }
 

@@ -209,6 +209,7 @@ fn a_full_session_applies_data_and_zeros_and_acks_a_durable_commit() {
                 source_id: None,
                 image_size: MIB,
                 created: true,
+                altered: false,
             }),
             Message::HashReply {
                 offset: 0,
@@ -246,6 +247,7 @@ fn a_full_session_applies_data_and_zeros_and_acks_a_durable_commit() {
             source_id: Some(A),
             image_size: MIB,
             created: false,
+            altered: false,
         })]
     );
 }
@@ -364,6 +366,7 @@ fn another_source_is_refused_unless_it_takes_the_image_over() {
             source_id: None,
             image_size: MIB,
             created: false,
+            altered: false,
         })]
     );
     let rec = tmp.record("disk.raw");
@@ -422,6 +425,69 @@ fn a_record_left_by_a_deleted_image_is_not_trusted() {
     );
 }
 
+/// The generation the next session's Welcome reports, and whether it
+/// says the image was altered.
+fn welcome_of(root: &Path) -> (u64, bool) {
+    let (result, replies) = session(root, &[hello("disk.raw", A, MIB)]);
+    result.unwrap();
+    match replies[..] {
+        [Message::Welcome(Welcome {
+            generation,
+            altered,
+            ..
+        })] => (generation, altered),
+        ref other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_image_written_behind_ferrys_back_is_no_longer_vouched_for() {
+    let tmp = TempRoot::new("altered");
+    let root = tmp.root();
+    let commit = |generation| {
+        session(
+            &root,
+            &[
+                hello("disk.raw", A, MIB),
+                raw(0, &pattern(4096, 1)),
+                Message::Commit { generation },
+            ],
+        )
+        .0
+        .unwrap();
+    };
+    commit(1);
+    assert!(tmp.record("disk.raw").stamp.is_some());
+    // Sessions of ferry's own, cut short after writing or not, are no sign
+    // of anyone else.
+    assert_eq!(welcome_of(&root), (1, false));
+    session(
+        &root,
+        &[hello("disk.raw", A, MIB), raw(8192, &pattern(4096, 2))],
+    )
+    .0
+    .unwrap();
+    assert_eq!(welcome_of(&root), (1, false));
+    commit(2);
+    // Later (past the clock's granularity), something else writes.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(root.join("disk.raw"))
+            .unwrap();
+        f.write_all_at(b"booted", 65536).unwrap();
+    }
+    assert_eq!(welcome_of(&root), (0, true));
+    // It sticks until a commit: a resync cut short is followed by another.
+    let rec = tmp.record("disk.raw");
+    assert_eq!((rec.generation, rec.stamp), (0, None));
+    assert_eq!(welcome_of(&root), (0, false));
+    commit(3);
+    assert_eq!(welcome_of(&root), (3, false));
+}
+
 #[test]
 fn names_leading_outside_the_root_are_refused_and_touch_nothing() {
     let tmp = TempRoot::new("escape");
@@ -467,6 +533,60 @@ fn an_image_smaller_than_the_device_is_refused_unchanged() {
     assert!(message.contains("4096 bytes"), "{message}");
     assert_eq!(fs::read(root.join("disk.raw")).unwrap(), vec![5u8; 4096]);
     assert_eq!(tmp.names(&root), ["disk.raw"]);
+}
+
+#[test]
+fn a_grown_source_grows_its_raw_image_only() {
+    let tmp = TempRoot::new("grow");
+    let root = tmp.root();
+    let first = |image: &str| {
+        session(
+            &root,
+            &[hello(image, A, MIB), Message::Commit { generation: 1 }],
+        )
+        .0
+        .unwrap();
+    };
+    // The raw image of this source, at the size it last had: it grows, and
+    // the generation still counts.
+    first("disk.raw");
+    let (result, replies) = session(&root, &[hello("disk.raw", A, 2 * MIB)]);
+    result.unwrap();
+    assert!(
+        matches!(
+            replies[..],
+            [Message::Welcome(Welcome {
+                generation: 1,
+                image_size,
+                altered: false,
+                ..
+            })] if image_size == 2 * MIB
+        ),
+        "{replies:?}"
+    );
+    assert_eq!(fs::metadata(root.join("disk.raw")).unwrap().len(), 2 * MIB);
+    // Not an image of another size than the source last had.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(root.join("disk.raw"))
+        .unwrap()
+        .set_len(MIB + 4096)
+        .unwrap();
+    expect_error(
+        session(&root, &[hello("disk.raw", A, 4 * MIB)]),
+        ErrorCode::ImageTooSmall,
+    );
+    assert_eq!(
+        fs::metadata(root.join("disk.raw")).unwrap().len(),
+        MIB + 4096
+    );
+    // Nor another format: the refusal names the way out.
+    first("disk.qcow2");
+    let message = expect_error(
+        session(&root, &[hello("disk.qcow2", A, 2 * MIB)]),
+        ErrorCode::ImageTooSmall,
+    );
+    assert!(message.contains("smaller than the source"), "{message}");
 }
 
 #[test]

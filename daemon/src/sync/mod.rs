@@ -130,9 +130,9 @@ fn refusal_hint(code: ErrorCode) -> &'static str {
              compares checksums and ships only what differs)"
         }
         ErrorCode::ImageTooSmall => {
-            " (if the source disk grew, grow the image to the source's size, with \
-             `truncate -s SIZE IMAGE` for a raw image or `qemu-img resize IMAGE SIZE` for \
-             qcow2, and sync again; the changes wait on this host until then)"
+            " (if the source disk grew: ferry grows a raw image by itself; grow a qcow2 \
+             image with `qemu-img resize IMAGE SIZE`, then sync again; the changes wait on \
+             this host until then)"
         }
         _ => "",
     }
@@ -458,6 +458,12 @@ impl<'o> Disk<'o> {
             Some(r.clone())
         } else if welcome.source_id != ours {
             Some("the image was taken over from another source".to_owned())
+        } else if welcome.altered {
+            Some(format!(
+                "something other than ferry wrote to the image after generation {} (a VM \
+                 booted on it, a read-write mount?)",
+                target.generation
+            ))
         } else if !known_generation {
             Some(format!(
                 "the target is at generation {}, this source last committed {}",
