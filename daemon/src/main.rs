@@ -20,7 +20,7 @@ use ferry::{
     pipeline::PipelineConfig,
     sync::{self, bootpoint::BootPointOptions, Mode, SyncError, SyncOptions},
     throttle::{self, IoPrio, RateLimiter},
-    track::{DeviceReport, DirtyReport, TrackError, Tracking},
+    track::{DeviceReport, DirtyReport, TargetReport, TrackError, Tracking},
     tracker::{
         linux::{LinuxTracker, DEFAULT_BPF_DIR},
         ChunkSize, Tracker,
@@ -416,6 +416,19 @@ enum TrackCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// List the standby targets each device feeds: how much each is
+    /// behind, its last acknowledged sync, and whether its next sync is a
+    /// checksum resync.
+    ///
+    /// A target appears with its first `ferry sync` to it. BEHIND counts
+    /// what was written on the device since the target's last acknowledged
+    /// sync, in whole chunks, whether drained yet or not.
+    Targets {
+        /// Only this device's targets.
+        device: Option<PathBuf>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
     /// Show the tracker programs' run counts and run time (run time needs
     /// `sysctl kernel.bpf_stats_enabled=1`).
     Stats(JsonFlag),
@@ -636,6 +649,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 writeln!(out)?;
             } else {
                 print_list(&mut out, &list)?;
+            }
+        }
+        TrackCommand::Targets { device, json } => {
+            let mut t = Tracking::new(tracker, open_store(&cli.state_dir)?);
+            let list = t.targets(device.as_deref())?;
+            if json.json {
+                serde_json::to_writer_pretty(&mut out, &serde_json::json!({ "targets": list }))?;
+                writeln!(out)?;
+            } else {
+                print_targets(&mut out, &list)?;
             }
         }
         TrackCommand::Dirty { device, json } => {
@@ -1065,6 +1088,43 @@ fn print_list(out: &mut impl Write, list: &[DeviceReport]) -> anyhow::Result<()>
             d.counters.writes,
             d.counters.overflows,
             human(d.bitmap_bytes),
+        )?;
+    }
+    Ok(())
+}
+
+fn print_targets(out: &mut impl Write, list: &[TargetReport]) -> anyhow::Result<()> {
+    if list.is_empty() {
+        writeln!(
+            out,
+            "no targets (a device gets one with its first `ferry sync` to it)"
+        )?;
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    writeln!(
+        out,
+        "{:<18} {:<48} {:>10} {:<36} {:>6}  STATE",
+        "DEVICE", "TARGET", "BEHIND", "LAST SYNC", "GEN"
+    )?;
+    for t in list {
+        let last = t.last_sync.map_or("never".to_owned(), |at| {
+            format!("{} ({} ago)", ferry::Utc::at(at), ferry::ago(at, now))
+        });
+        let state = match &t.reason {
+            Some(r) => format!("{}: {r}", t.state),
+            None => t.state.to_owned(),
+        };
+        writeln!(
+            out,
+            "{:<18} {:<48} {:>10} {:<36} {:>6}  {state}",
+            t.device.display(),
+            t.target,
+            human(t.behind_bytes),
+            last,
+            t.generation,
         )?;
     }
     Ok(())

@@ -115,6 +115,27 @@ pub struct DeviceReport {
     pub epoch: Epoch,
 }
 
+/// One standby target of a tracked device, as `ferry track targets` prints
+/// it.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetReport {
+    pub device: PathBuf,
+    pub target: String,
+    /// Bytes written on the device that this target has not acknowledged:
+    /// its own sets and the kernel's marks not drained yet, in chunks.
+    pub behind_bytes: u64,
+    pub behind_chunks: u64,
+    /// Last generation the target acknowledged.
+    pub generation: u64,
+    /// Unix seconds of the last acknowledged sync.
+    pub last_sync: Option<u64>,
+    /// `ok`, `needs-resync` (its next sync compares checksums) or
+    /// `not-seeded` (no full copy acknowledged yet).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
 /// How long `add` waits for writes submitted before tracking began to finish.
 const QUIESCE_WAIT: Duration = Duration::from_secs(2);
 
@@ -213,6 +234,49 @@ impl<T: Tracker> Tracking<T> {
         let mut out = Vec::new();
         for rec in self.store.records()? {
             out.push(self.report(&rec)?);
+        }
+        Ok(out)
+    }
+
+    /// The targets of `path`, or of every tracked device: how far behind
+    /// each is.
+    pub fn targets(&mut self, path: Option<&Path>) -> Result<Vec<TargetReport>, TrackError> {
+        let records = match path {
+            Some(p) => vec![self.find(p)?],
+            None => self.store.records()?,
+        };
+        let mut out = Vec::new();
+        for mut rec in records {
+            // Hands reasons found on the device to its targets first.
+            self.reconcile(&mut rec)?;
+            let dev = dev_of(&rec);
+            let kernel = self.tracker.peek(dev).unwrap_or_default();
+            let size = rec.nr_sectors * 512;
+            for (id, t) in self.store.targets_of(dev)? {
+                let mut set = self.store.target_set(&id, Set::Pending)?;
+                set |= self.store.target_set(&id, Set::Inflight)?;
+                set |= &kernel;
+                let (state, reason) = match (&t.needs_resync, t.seeded) {
+                    (Some(r), _) => ("needs-resync", Some(r.clone())),
+                    (None, false) => ("not-seeded", None),
+                    (None, true) => ("ok", None),
+                };
+                out.push(TargetReport {
+                    device: rec.path.clone(),
+                    target: t.url,
+                    behind_bytes: extents::total_bytes(&extents(
+                        &set,
+                        rec.chunk_size,
+                        size,
+                        u64::MAX,
+                    )),
+                    behind_chunks: set.len(),
+                    generation: t.generation,
+                    last_sync: t.last_sync,
+                    state,
+                    reason,
+                });
+            }
         }
         Ok(out)
     }

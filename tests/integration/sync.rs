@@ -854,9 +854,37 @@ fn one_device_feeds_two_targets() {
     write_direct(&dev.path, 5 * MIB, 4096, 1);
     sync(&f, &dev, &ua, &[]);
     write_direct(&dev.path, 9 * MIB, 4096, 2);
+    // Each target's lag, the kernel's undrained marks included.
+    let behind = |f: &Ferry| -> Vec<(String, u64, String)> {
+        let list = f.json(&["track", "targets", dev.arg()]);
+        list["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                assert!(t["last_sync"].as_u64().unwrap() > 0, "{t}");
+                (
+                    t["target"].as_str().unwrap().to_owned(),
+                    t["behind_bytes"].as_u64().unwrap(),
+                    t["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        behind(&f),
+        [
+            (ua.clone(), K64, "ok".to_owned()),
+            (ub.clone(), 2 * K64, "ok".to_owned())
+        ]
+    );
     // `track drain` takes the bits, but both targets keep what they need.
     f.ok(&["track", "drain", dev.arg()]);
+    assert_eq!(behind(&f)[1].1, 2 * K64);
     sync(&f, &dev, &ua, &[]);
+    assert_eq!(behind(&f)[0].1, 0);
+    let text = f.ok(&["track", "targets"]);
+    assert!(text.contains(&ub) && text.contains(" ago)"), "{text}");
     let rb = sync(&f, &dev, &ub, &[]);
     assert_eq!(rb["changed_bytes"], 2 * K64, "{rb}");
     assert!(same_content(&dev.backing, &a));
