@@ -429,6 +429,15 @@ enum TrackCommand {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Stop a device feeding a standby target: forget what the target
+    /// still lacks.
+    ///
+    /// For a standby that is retired; nothing on the target is touched. A
+    /// later sync to it is a checksum resync.
+    ///
+    /// Example: ferry track forget /dev/sdb ssh://backup@kvm1/srv/standby/web.img
+    #[command(verbatim_doc_comment)]
+    Forget { device: PathBuf, target: TargetUrl },
     /// Show the tracker programs' run counts and run time (run time needs
     /// `sysctl kernel.bpf_stats_enabled=1`).
     Stats(JsonFlag),
@@ -660,6 +669,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 print_targets(&mut out, &list)?;
             }
+        }
+        TrackCommand::Forget { device, target } => {
+            let mut t = Tracking::new(tracker, open_store(&cli.state_dir)?);
+            t.forget_target(&device, &target.to_string())?;
+            writeln!(out, "{} no longer feeds {target}", device.display())?;
         }
         TrackCommand::Dirty { device, json } => {
             let mut t = Tracking::new(tracker, open_store(&cli.state_dir)?);

@@ -33,7 +33,7 @@ use crate::{
     dirty::{
         extents,
         store::{DeviceRecord, Store, StoreError},
-        targets::Set,
+        targets::{target_id, Set},
     },
     tracker::{ChunkSize, Counters, Epoch, TrackSpec, Tracker, TrackerError},
 };
@@ -44,6 +44,10 @@ pub enum TrackError {
     AlreadyTracked { path: PathBuf },
     #[error("{path} is not tracked")]
     NotTracked { path: PathBuf },
+    #[error("{path} does not feed {url} (`ferry track targets` lists what it feeds)")]
+    NoSuchTarget { path: PathBuf, url: String },
+    #[error("a sync to {url} is running; forget it once that ends")]
+    TargetBusy { url: String },
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error(transparent)]
@@ -279,6 +283,28 @@ impl<T: Tracker> Tracking<T> {
             }
         }
         Ok(out)
+    }
+
+    /// Stops `path` feeding `url`: forgets what that target still lacks
+    /// and its generation. Waits for no job: one running on it is an error.
+    /// The image is not touched; a later sync to it compares checksums.
+    pub fn forget_target(&mut self, path: &Path, url: &str) -> Result<(), TrackError> {
+        let rec = self.find(path)?;
+        let id = target_id(dev_of(&rec), url);
+        if self.store.target(&id)?.is_none() {
+            return Err(TrackError::NoSuchTarget {
+                path: path.to_owned(),
+                url: url.to_owned(),
+            });
+        }
+        let _lock = self.store.lock_target(&id).map_err(|e| match e {
+            StoreError::Busy { .. } => TrackError::TargetBusy {
+                url: url.to_owned(),
+            },
+            e => e.into(),
+        })?;
+        self.store.delete_target(&id)?;
+        Ok(())
     }
 
     /// The dirty set (persisted and kernel), left in place.

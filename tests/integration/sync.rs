@@ -889,6 +889,15 @@ fn one_device_feeds_two_targets() {
     assert_eq!(rb["changed_bytes"], 2 * K64, "{rb}");
     assert!(same_content(&dev.backing, &a));
     assert!(same_content(&dev.backing, &b));
+    // A retired standby is forgotten; fed again later, it is compared.
+    f.ok(&["track", "forget", dev.arg(), &ub]);
+    assert_eq!(behind(&f).len(), 1);
+    let err = f.fails(&["track", "forget", dev.arg(), &ub]);
+    assert!(err.contains("does not feed"), "{err}");
+    write_direct(&dev.path, 13 * MIB, 4096, 3);
+    let again = sync(&f, &dev, &ub, &[]);
+    assert_eq!(again["mode"], "resync", "{again}");
+    assert!(same_content(&dev.backing, &b));
 }
 
 #[test]

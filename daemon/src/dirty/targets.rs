@@ -133,11 +133,17 @@ impl Store {
 
     /// Forgets every target of `dev` (the device is no longer tracked).
     pub fn delete_targets_of(&self, dev: DevNum) -> Result<(), StoreError> {
-        let dir = self.targets_dir()?;
         for (id, _) in self.targets_of(dev)? {
-            for ext in ["pending", "inflight", "json", "lock"] {
-                remove(&dir.join(format!("{id}.{ext}")))?;
-            }
+            self.delete_target(&id)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets target `id`: its record and sets, then its lock file.
+    pub fn delete_target(&self, id: &str) -> Result<(), StoreError> {
+        let dir = self.targets_dir()?;
+        for ext in ["pending", "inflight", "json", "lock"] {
+            remove(&dir.join(format!("{id}.{ext}")))?;
         }
         Ok(())
     }
