@@ -126,7 +126,8 @@ pub struct TargetReport {
     pub device: PathBuf,
     pub target: String,
     /// Bytes written on the device that this target has not acknowledged:
-    /// its own sets and the kernel's marks not drained yet, in chunks.
+    /// its own sets and the kernel's marks not drained yet, in chunks; the
+    /// whole device before its seed is acknowledged.
     pub behind_bytes: u64,
     pub behind_chunks: u64,
     /// Last generation the target acknowledged.
@@ -265,6 +266,12 @@ impl<T: Tracker> Tracking<T> {
                     (None, false) => ("not-seeded", None),
                     (None, true) => ("ok", None),
                 };
+                if !t.seeded {
+                    // The seed copies all of it.
+                    set.insert_range(
+                        0..u32::try_from(size.div_ceil(rec.chunk_size)).unwrap_or(u32::MAX),
+                    );
+                }
                 out.push(TargetReport {
                     device: rec.path.clone(),
                     target: t.url,

@@ -214,6 +214,33 @@ fn kill_9_mid_transfer_then_rerun_is_identical() {
     s.rerun_completes();
 }
 
+/// `track targets` counts what a job cut short left for the next one.
+#[test]
+fn track_targets_counts_what_a_cut_job_left() {
+    if !privileged("track_targets_counts_what_a_cut_job_left") {
+        return;
+    }
+    let s = Standby::file(64 * MIB);
+    let behind = || {
+        let t = s.f.json(&["track", "targets", s.dev.arg()]);
+        let t = &t["targets"][0];
+        (
+            t["behind_bytes"].as_u64().unwrap(),
+            t["state"].as_str().unwrap().to_owned(),
+        )
+    };
+    write_random(&s.dev.path, 0, 40 * MIB as usize, 7);
+    s.interrupted_sync(|child| child.kill().unwrap());
+    assert_eq!(behind(), (64 * MIB, "not-seeded".to_owned()));
+    s.rerun_completes();
+    assert_eq!(behind(), (0, "ok".to_owned()));
+    write_random(&s.dev.path, 16 * MIB, 32 * MIB as usize, 8);
+    s.interrupted_sync(|child| child.kill().unwrap());
+    assert_eq!(behind(), (32 * MIB, "ok".to_owned()));
+    s.rerun_completes();
+    assert_eq!(behind(), (0, "ok".to_owned()));
+}
+
 /// SIGTERM (a service stopped, Ctrl-C's cousin) ends the job with one line
 /// that says nothing is lost, and the next job completes it.
 #[test]
