@@ -731,3 +731,82 @@ fn a_boot_point_of_two_disks_is_one_instant_of_both() {
     assert!(err.contains("given twice"), "{err}");
     assert!(!dir.join("other.img").exists());
 }
+
+/// A boot point that one disk cannot take is deleted again from the disks
+/// that took it: a server boots from all of its disks or none.
+#[test]
+fn a_boot_point_is_on_every_disk_or_none() {
+    if !privileged("a_boot_point_is_on_every_disk_or_none") {
+        return;
+    }
+    let (a, b) = (LoopDev::new(16 * MIB), LoopDev::new(16 * MIB));
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let (img_a, img_b) = (dir.join("a.img"), dir.join("b.img"));
+    let url_a = format!("file://{}", img_a.display());
+    let disk_b = format!("{}=file://{}", b.arg(), img_b.display());
+    write_random(&a.path, 0, MIB as usize, 91);
+    write_random(&b.path, 0, MIB as usize, 92);
+    let job = [
+        "sync",
+        a.arg(),
+        &url_a,
+        "--disk",
+        &disk_b,
+        "--boot-point",
+        "--max-boot-points",
+        "30",
+    ];
+    // B's directory already holds files under every name the boot point can
+    // get in the next 20 s, so B refuses it after A took it (fewer than the
+    // 30 boot points kept, or the oldest would be merged to make room).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let squatters: Vec<PathBuf> = (0..20)
+        .map(|s| {
+            let name = ferry::image::boot_point_name(now + s);
+            PathBuf::from(format!("{}.{name}", img_b.display()))
+        })
+        .collect();
+    for p in &squatters {
+        std::fs::write(p, b"not ferry's").unwrap();
+    }
+    // The job's progress lines come first; its error is the last line.
+    let out = f.output(&job);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let err = stderr.trim_end().lines().last().unwrap();
+    assert!(err.starts_with("ferry: "), "{stderr}");
+    assert!(err.contains("not taken on every disk"), "{err}");
+    assert!(err.contains("no disk has it"), "{err}");
+    let points = |img: &Path| -> Vec<String> {
+        let prefix = format!("{}.V", img.file_name().unwrap().to_str().unwrap());
+        let mut names: Vec<String> = std::fs::read_dir(&dir.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        points(&img_a),
+        Vec::<String>::new(),
+        "A kept the boot point"
+    );
+    assert_eq!(points(&img_b).len(), squatters.len());
+    // The data itself was committed on both.
+    assert!(same_content(&a.backing, &img_a));
+    assert!(same_content(&b.backing, &img_b));
+    // Without the squatters the same job takes it on both.
+    for p in &squatters {
+        std::fs::remove_file(p).unwrap();
+    }
+    let s = f.json(&job);
+    let name = s[0]["boot_point"]["name"].as_str().unwrap().to_owned();
+    assert_eq!(s[1]["boot_point"]["name"], name.as_str(), "{s}");
+    assert_eq!(points(&img_a), [format!("a.img.{name}")]);
+    assert_eq!(points(&img_b), [format!("b.img.{name}")]);
+}

@@ -91,6 +91,14 @@ pub struct Rights {
     pub committed: Option<u64>,
     /// Revert and Delete: a `ferry boot-points` session holding the lock.
     pub manage: bool,
+    /// The boot point this session created: it may delete that one (to
+    /// undo it), and no other.
+    pub created: Option<String>,
+}
+
+/// A Delete of the boot point this session took.
+fn undoing(req: &Manage, rights: &Rights) -> bool {
+    req.op == ManageOp::Delete && rights.created.as_deref() == Some(req.name.as_str())
 }
 
 /// Carries out one request; returns the boot points afterwards.
@@ -161,7 +169,7 @@ pub fn apply(
             }
             save(dir, file_name, &points)?;
         }
-        ManageOp::Revert | ManageOp::Delete if !rights.manage => {
+        ManageOp::Revert | ManageOp::Delete if !(rights.manage || undoing(req, rights)) => {
             return refuse(
                 ErrorCode::Malformed,
                 "boot points are reverted or deleted only by `ferry boot-points`".to_owned(),

@@ -46,7 +46,8 @@ fn image_error(e: ImageError) -> AgentError {
     let code = match &e {
         ImageError::Io { source, .. } if crate::sys::fs::is_no_space(source) => ErrorCode::DiskFull,
         ImageError::NoSuchBootPoint { .. } => ErrorCode::NoSuchBootPoint,
-        ImageError::OutOfRange { .. } | ImageError::BootPointExists { .. } => ErrorCode::Malformed,
+        ImageError::BootPointExists { .. } => ErrorCode::Exists,
+        ImageError::OutOfRange { .. } => ErrorCode::Malformed,
         ImageError::TooManyBootPoints { .. } => ErrorCode::Malformed,
         ImageError::Io { .. } | ImageError::Corrupt { .. } | ImageError::Unsupported { .. } => {
             ErrorCode::Io
@@ -58,7 +59,11 @@ fn image_error(e: ImageError) -> AgentError {
         }
         _ => e.to_string(),
     };
-    AgentError::refused_by(code, message, e)
+    // The message already says what `e` says: only its cause goes on.
+    match e {
+        ImageError::Io { source, .. } => AgentError::refused_by(code, message, source),
+        _ => AgentError::refused(code, message),
+    }
 }
 
 /// Longest message text put in an `Error` frame.
@@ -273,6 +278,9 @@ struct Session {
     format: Format,
     /// The image through its format.
     standby: Box<dyn Standby>,
+    /// The boot point this session took, which it may delete again (a
+    /// multi-disk job undoing one that another disk could not take).
+    created_boot_point: Option<String>,
 }
 
 impl Session {
@@ -327,6 +335,7 @@ impl Session {
                     manage: hello.manage,
                     format,
                     standby,
+                    created_boot_point: None,
                 },
                 welcome,
             )),
@@ -506,6 +515,7 @@ impl Session {
                     committed: (self.summary.commits > 0 && self.bytes_since_commit == 0)
                         .then_some(self.generation),
                     manage: self.manage,
+                    created: self.created_boot_point.clone(),
                 };
                 let dir = self.image.dir_handle()?;
                 let list = bootpoints::apply(
@@ -516,6 +526,11 @@ impl Session {
                     self.standby.as_mut(),
                     self.format,
                 )?;
+                self.created_boot_point = match req.op {
+                    crate::protocol::ManageOp::Create => Some(req.name.clone()),
+                    crate::protocol::ManageOp::Delete => None,
+                    _ => self.created_boot_point.take(),
+                };
                 if req.op == crate::protocol::ManageOp::Revert {
                     // The working image is no longer any generation this
                     // source committed: its next sync must compare checksums.

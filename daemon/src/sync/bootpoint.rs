@@ -42,7 +42,6 @@ use serde::Serialize;
 
 use super::{progress::Progress, send_piece, session::Session, Source, SyncError};
 use crate::{
-    agent::BootPointList,
     device::DevNum,
     dirty::extents::total_bytes,
     image::boot_point_name,
@@ -339,7 +338,7 @@ impl Converged {
 pub(crate) fn take(
     out: Converged,
     bp: &BootPointOptions,
-    sessions: &mut [&mut Session],
+    sessions: &mut [(&str, &mut Session)],
     progress: &mut Progress,
 ) -> Result<Vec<BootPointSummary>, SyncError> {
     let summaries = out.rounds.into_iter().map(|rounds| BootPointSummary {
@@ -356,17 +355,45 @@ pub(crate) fn take(
     );
     progress.phase("taking the boot point", 0);
     let mut taken = Vec::new();
-    for (session, mut summary) in sessions.iter_mut().zip(summaries) {
-        session.send(&Message::Manage(Manage {
-            op: ManageOp::Create,
-            name: name.clone(),
-            app_consistent: summary.kind == "app-consistent",
-            max_boot_points: bp.max_boot_points,
-        }))?;
-        let list: BootPointList = session.recv_managed()?;
-        summary.merged = list.merged;
-        summary.name = Some(name.clone());
-        taken.push(summary);
+    for (i, mut summary) in summaries.enumerate() {
+        let manage = |op| {
+            Message::Manage(Manage {
+                op,
+                name: name.clone(),
+                app_consistent: summary.kind == "app-consistent",
+                max_boot_points: bp.max_boot_points,
+            })
+        };
+        let session = &mut *sessions[i].1;
+        let made = session
+            .send(&manage(ManageOp::Create))
+            .and_then(|()| session.recv_managed());
+        match made {
+            Ok(list) => {
+                summary.merged = list.merged;
+                summary.name = Some(name.clone());
+                taken.push(summary);
+            }
+            // All disks or none: a server whose disks do not all have the
+            // boot point cannot boot from it.
+            Err(e) if i > 0 => {
+                let mut stuck = Vec::new();
+                for (url, earlier) in sessions[..i].iter_mut() {
+                    let undone = earlier
+                        .send(&manage(ManageOp::Delete))
+                        .and_then(|()| earlier.recv_managed());
+                    if undone.is_err() {
+                        stuck.push((*url).to_owned());
+                    }
+                }
+                return Err(SyncError::BootPointPartial {
+                    name,
+                    stuck,
+                    source: Box::new(e),
+                });
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(taken)
 }

@@ -119,6 +119,22 @@ pub enum SyncError {
     ImageTooSmall { image: u64, source_size: u64 },
     #[error("device too large for its chunk size (more than 2^32 chunks)")]
     TooLarge,
+    #[error(
+        "boot point {name} not taken on every disk: {source}; the data is committed, and \
+         {}",
+        if .stuck.is_empty() {
+            "the disks that had taken it had it deleted again, so no disk has it".to_owned()
+        } else {
+            format!("it could not be deleted again from {}: delete it there with \
+                     `ferry boot-points delete`", .stuck.join(", "))
+        }
+    )]
+    BootPointPartial {
+        name: String,
+        /// Targets that keep the boot point: deleting it again failed.
+        stuck: Vec<String>,
+        source: Box<SyncError>,
+    },
 }
 
 /// What to do about a refusal, where there is something to say.
@@ -279,8 +295,10 @@ pub fn run_all<T: Tracker>(
     // 8. The boot points, of exactly what was just committed.
     let boot_points: Vec<Option<bootpoint::BootPointSummary>> = match converged {
         Some((out, bp)) => {
-            let mut sessions: Vec<&mut Session> =
-                disks.iter_mut().map(|d| &mut d.session).collect();
+            let mut sessions: Vec<(&str, &mut Session)> = disks
+                .iter_mut()
+                .map(|d| (d.url.as_str(), &mut d.session))
+                .collect();
             bootpoint::take(out, bp, &mut sessions, &mut progress)?
                 .into_iter()
                 .map(Some)
