@@ -80,6 +80,19 @@ impl Standby {
         same_content(&self.dev.backing, &self.image)
     }
 
+    /// The next sync is a checksum resync for a reason that says `why`,
+    /// leaves the image identical, and the one after is an incremental
+    /// again. Returns the resync's summary.
+    fn resyncs_because(&self, why: &str) -> serde_json::Value {
+        let r = self.sync();
+        assert_eq!(r["mode"], "resync", "{r}");
+        assert!(r["resync_reason"].as_str().unwrap().contains(why), "{r}");
+        assert!(self.identical(), "{r}");
+        let next = self.sync();
+        assert_eq!(next["mode"], "incremental", "{next}");
+        r
+    }
+
     /// After an interrupted job: the image still differs (else the test
     /// proves nothing), and one more sync makes it identical. Returns that
     /// sync's summary.
@@ -781,15 +794,7 @@ fn other_media_under_the_same_device_is_compared_not_trusted() {
     }
     s.dev.reattach(other);
     write_direct(&s.dev.path, 5 * MIB, 4096, 0x42);
-    let r = s.sync();
-    assert_eq!(r["mode"], "resync", "{r}");
-    assert!(
-        r["resync_reason"].as_str().unwrap().contains("other media"),
-        "{r}"
-    );
-    assert!(s.identical(), "{r}");
-    let next = s.sync();
-    assert_eq!(next["mode"], "incremental", "{next}");
+    s.resyncs_because("other media");
 }
 
 #[test]
@@ -813,17 +818,7 @@ fn an_image_written_outside_ferry_is_compared_not_trusted() {
         f.write_all_at(&[0xee; 4096], 12 * MIB).unwrap();
     }
     write_direct(&s.dev.path, 5 * MIB, 4096, 0x22);
-    let r = s.sync();
-    assert_eq!(r["mode"], "resync", "{r}");
-    assert!(
-        r["resync_reason"]
-            .as_str()
-            .unwrap()
-            .contains("something other than ferry"),
-        "{r}"
-    );
-    assert!(s.identical(), "{r}");
-    assert_eq!(s.sync()["mode"], "incremental");
+    s.resyncs_because("something other than ferry");
 }
 
 #[test]
@@ -842,24 +837,12 @@ fn lost_tracking_state_leads_to_checksum_resync() {
     let list = s.f.json(&["track", "list"]);
     let state = list["devices"][0]["state"].as_str().unwrap().to_owned();
     assert_eq!(state, "needs-resync", "{list}");
-    let r = s.sync();
-    assert_eq!(r["mode"], "resync", "{r}");
-    assert!(
-        r["resync_reason"]
-            .as_str()
-            .unwrap()
-            .contains("tracking-lost"),
-        "{r}"
-    );
+    let r = s.resyncs_because("tracking-lost");
     assert_eq!(r["differing_bytes"], 3 * K64, "{r}");
     assert!(
         r["sent_bytes"].as_u64().unwrap() < 4 * K64,
         "only the differing chunks are sent: {r}"
     );
-    assert!(s.identical());
-    // Resolved: the next run is incremental again.
-    let next = s.sync();
-    assert_eq!(next["mode"], "incremental", "{next}");
 }
 
 #[test]
