@@ -403,41 +403,20 @@ impl<T: Tracker> Tracking<T> {
         Ok(())
     }
 
-    /// Why the device's bits cannot describe what it holds now, if the
-    /// kernel says it holds other media than when they began to count (a
-    /// loop device detached and attached again, a disk swapped under the
-    /// same number): the writes that made the difference were never seen.
-    /// Records the new media sequence number; the caller saves the record.
-    fn media_changed(&self, rec: &mut DeviceRecord) -> Option<String> {
-        let now = BlockDevice::resolve(&rec.path)
-            .ok()
-            .filter(|d| d.dev == dev_of(rec))?
-            .diskseq?;
-        let was = rec.diskseq.replace(now);
-        match was {
-            Some(was) if was != now => Some(format!(
-                "other media in the device (disk sequence number {was}, now {now})"
-            )),
-            // Records from before media numbers were kept adopt this one.
-            _ => None,
-        }
-    }
-
-    /// Follows a device whose size changed since it was tracked (a grown
+    /// Follows `device` if its size changed since it was tracked (a grown
     /// volume, a loop device's file extended): tracks it at its new size
     /// with no gap, keeps what the old bitmap held, and marks the space it
     /// gained (from the chunk the old end fell in) dirty. Bracketed by the
     /// in-use flag like a drain: the old bits exist only here meanwhile.
     /// Returns a reason to resync if the partition moved or the old bitmap
     /// lost marks.
-    fn follow_resize(&mut self, rec: &mut DeviceRecord) -> Result<Option<String>, TrackError> {
+    fn follow_resize(
+        &mut self,
+        rec: &mut DeviceRecord,
+        device: BlockDevice,
+    ) -> Result<Option<String>, TrackError> {
         let dev = dev_of(rec);
-        let Ok(device) = BlockDevice::resolve(&rec.path) else {
-            return Ok(None); // gone: nothing to follow
-        };
-        if device.dev != dev
-            || (device.nr_sectors == rec.nr_sectors && device.start_sector == rec.start_sector)
-        {
+        if device.nr_sectors == rec.nr_sectors && device.start_sector == rec.start_sector {
             return Ok(None);
         }
         // A partition that starts elsewhere holds data its bits never saw.
@@ -561,13 +540,20 @@ impl<T: Tracker> Tracking<T> {
                 rec.missed_runs_seen = missed;
             }
         }
+        // The device as it is now, if the path still names it.
+        let current = BlockDevice::resolve(&rec.path)
+            .ok()
+            .filter(|d| d.dev == dev);
         let seq_before = rec.diskseq;
-        if let Some(r) = self.media_changed(rec) {
+        if let Some(r) = current.as_ref().and_then(|d| media_changed(rec, d)) {
             reason.get_or_insert(r);
         }
         if lost {
             self.rearm(rec)?;
-        } else if let Some(r) = self.follow_resize(rec)? {
+        } else if let Some(r) = match current {
+            Some(d) => self.follow_resize(rec, d)?,
+            None => None,
+        } {
             reason.get_or_insert(r);
         }
         // Each target resyncs on its own: hand the reason to every target,
@@ -646,6 +632,22 @@ impl<T: Tracker> Tracking<T> {
             bitmap_bytes: slot.as_ref().map_or(0, |s| s.bitmap_bytes),
             epoch: rec.epoch.clone(),
         })
+    }
+}
+
+/// Why the device's bits cannot describe what `device` holds now, if the
+/// kernel says it holds other media than when they began to count (a loop
+/// device detached and attached again, a disk swapped under the same
+/// number): the writes that made the difference were never seen. Records
+/// the new media sequence number; the caller saves the record.
+fn media_changed(rec: &mut DeviceRecord, device: &BlockDevice) -> Option<String> {
+    let now = device.diskseq?;
+    match rec.diskseq.replace(now) {
+        Some(was) if was != now => Some(format!(
+            "other media in the device (disk sequence number {was}, now {now})"
+        )),
+        // Records from before media numbers were kept adopt this one.
+        _ => None,
     }
 }
 
