@@ -281,6 +281,11 @@ struct Session {
     /// The boot point this session took, which it may delete again (a
     /// multi-disk job undoing one that another disk could not take).
     created_boot_point: Option<String>,
+    /// The record's stamp matched the image when this session began, or
+    /// this session committed: the session's own later writes (boot points,
+    /// metadata on close) may be stamped. Never otherwise, or a `boot-points
+    /// list` would hide a change made outside ferry from the next sync.
+    vouched: bool,
 }
 
 impl Session {
@@ -313,6 +318,15 @@ impl Session {
         } else {
             Self::welcome(&mut image, hello, format)
         };
+        // A sync session removed the stamp at its handshake; others find
+        // the image as the last commit left it, or not.
+        let vouched = (hello.read_only || hello.manage)
+            && match image.read_record() {
+                Ok(Some(CommitRecord {
+                    stamp: Some(was), ..
+                })) => image.stamp().is_ok_and(|now| now == was),
+                _ => false,
+            };
         let opened = welcome.and_then(|welcome| {
             let standby = crate::image::open(format, image.dir_handle()?, image.file_name())
                 .map_err(image_error)?;
@@ -336,6 +350,7 @@ impl Session {
                     format,
                     standby,
                     created_boot_point: None,
+                    vouched,
                 },
                 welcome,
             )),
@@ -543,6 +558,7 @@ impl Session {
                     rec.generation = 0;
                     rec.stamp = None;
                     self.image.write_record(&rec)?;
+                    self.vouched = false;
                 } else if req.op != crate::protocol::ManageOp::List {
                     // Boot points are ferry's own writes: the image is still
                     // the committed one.
@@ -717,8 +733,12 @@ impl Session {
     }
 
     /// Gives a record that vouches for the image the image's stamp now,
-    /// after writes of ferry's own that change no data.
+    /// after writes of ferry's own that change no data; only in a session
+    /// that found the image as committed, or committed itself.
     fn restamp(&self) -> Result<(), AgentError> {
+        if !self.vouched {
+            return Ok(());
+        }
         if let Some(mut rec) = self.image.read_record()? {
             if rec.stamp.is_some() {
                 rec.stamp = Some(self.image.stamp()?);
@@ -749,6 +769,7 @@ impl Session {
                 self.chunk_size,
             )
         })?;
+        self.vouched = true;
         let ack = Message::Ack {
             generation,
             bytes_written: self.bytes_since_commit,

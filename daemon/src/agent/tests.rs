@@ -479,6 +479,19 @@ fn an_image_written_behind_ferrys_back_is_no_longer_vouched_for() {
             .unwrap();
         f.write_all_at(b"booted", 65536).unwrap();
     }
+    // A boot point session in between (which may stamp its own writes)
+    // does not take the change for ferry's.
+    let list = Message::Manage(crate::protocol::Manage {
+        op: crate::protocol::ManageOp::List,
+        name: String::new(),
+        app_consistent: false,
+        max_boot_points: 7,
+    });
+    let manage = match hello("disk.raw", [0; 16], 0) {
+        Message::Hello(h) => Message::Hello(Hello { manage: true, ..h }),
+        _ => unreachable!(),
+    };
+    session(&root, &[manage, list]).0.unwrap();
     assert_eq!(welcome_of(&root), (0, true));
     // It sticks until a commit: a resync cut short is followed by another.
     let rec = tmp.record("disk.raw");
