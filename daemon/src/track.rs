@@ -431,7 +431,20 @@ impl<T: Tracker> Tracking<T> {
         let start_sector = device.start_sector;
         rec.draining = true;
         self.store.save_record(dev, rec)?;
-        let resized = self.tracker.resize(&TrackSpec { device, chunk })?;
+        let resized = match self.tracker.resize(&TrackSpec { device, chunk }) {
+            Ok(r) => r,
+            Err(e) => {
+                // Tracking stays at the old size (or was cut mid-move, which
+                // the in-use flag left set reports): either way its bits no
+                // longer cover the device, and every sync compares checksums
+                // until the device is tracked again.
+                return Ok(Some(format!(
+                    "the device is now {} and tracking cannot follow: {e} (after `ferry \
+                     track remove`)",
+                    crate::human(now)
+                )));
+            }
+        };
         let mut taken = resized.bits;
         if now > was {
             taken.insert_range(

@@ -332,3 +332,26 @@ fn state_is_root_only() {
         "pin dir mode {bpf_mode}"
     );
 }
+
+/// A device grown past what its bitmap can index stays listed, in
+/// `needs-resync` with the way out, instead of failing every command.
+#[test]
+fn a_device_grown_past_its_bitmap_is_resynced_not_fatal() {
+    if !privileged("a_device_grown_past_its_bitmap_is_resynced_not_fatal") {
+        return;
+    }
+    const TIB: u64 = 1 << 40;
+    let dev = LoopDev::new(TIB); // sparse: nothing is written
+    let f = Ferry::new();
+    f.ok(&["track", "add", dev.arg(), "--chunk-size", "4K"]);
+    // 2^32 4 KiB chunks is 16 TiB.
+    dev.grow(16 * TIB + 4096);
+    for _ in 0..2 {
+        let list = f.json(&["track", "list"]);
+        let d = &list["devices"][0];
+        assert_eq!(d["state"], "needs-resync", "{list}");
+        let reason = d["reason"].as_str().unwrap();
+        assert!(reason.contains("tracking cannot follow"), "{reason}");
+        assert!(reason.contains("--chunk-size"), "{reason}");
+    }
+}
