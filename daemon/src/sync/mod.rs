@@ -147,8 +147,9 @@ fn refusal_hint(code: ErrorCode) -> &'static str {
         }
         ErrorCode::ImageTooSmall => {
             " (if the source disk grew: ferry grows a raw image by itself; grow a qcow2 \
-             image with `qemu-img resize IMAGE SIZE`, then sync again; the changes wait on \
-             this host until then)"
+             image with `qemu-img resize IMAGE SIZE` and sync again; a VMDK or VHDX image \
+             cannot grow: move it away and sync again to seed a new one. The changes wait \
+             on this host until then)"
         }
         _ => "",
     }
