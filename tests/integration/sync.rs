@@ -772,6 +772,43 @@ fn a_grown_device_ships_its_new_space() {
 }
 
 #[test]
+fn a_qcow2_standby_grows_with_its_device() {
+    if !privileged("a_qcow2_standby_grows_with_its_device") {
+        return;
+    }
+    let dev = LoopDev::new(32 * MIB);
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let image = dir.join("web.qcow2");
+    let url = format!("file://{}", image.display());
+    write_random(&dev.path, 0, 2 * MIB as usize, 64);
+    sync(&f, &dev, &url, &[]);
+    dev.grow(48 * MIB);
+    write_random(&dev.path, 44 * MIB, MIB as usize, 65);
+    let r = sync(&f, &dev, &url, &[]);
+    assert_eq!(r["mode"], "incremental", "{r}");
+    let img = image.to_str().unwrap();
+    run("qemu-img", &["check", img]);
+    let info = run("qemu-img", &["info", "--output=json", img]);
+    assert!(
+        info.contains(&format!("\"virtual-size\": {}", 48 * MIB)),
+        "{info}"
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            dev.backing.to_str().unwrap(),
+            img,
+        ],
+    );
+}
+
+#[test]
 fn other_media_under_the_same_device_is_compared_not_trusted() {
     if !privileged("other_media_under_the_same_device_is_compared_not_trusted") {
         return;

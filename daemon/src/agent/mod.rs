@@ -414,12 +414,12 @@ impl Session {
         } else {
             Self::disk_size(image, format)?
         };
-        // A source that grew: its raw image grows with it (below, under the
-        // lock). Only an image of the size this source last had, so a wrong
-        // image is still refused.
+        // A source that grew: its raw or qcow2 image grows with it (below,
+        // under the lock). Only an image of the size this source last had,
+        // so a wrong image is still refused.
         let grow = !fresh
             && len < hello.device_size
-            && format == Format::Raw
+            && format.grows()
             && found.as_ref().is_some_and(|r| r.device_size == len);
         if !fresh && len < hello.device_size && !grow {
             return Err(AgentError::refused(
@@ -467,7 +467,13 @@ impl Session {
                 _ => image.recreate(format, hello.device_size)?,
             }
         } else if grow {
-            image.set_len(hello.device_size)?;
+            crate::image::grow(
+                format,
+                image.dir_handle()?,
+                image.file_name(),
+                hello.device_size,
+            )
+            .map_err(image_error)?;
         }
         Ok(Welcome {
             version: VERSION,

@@ -549,7 +549,7 @@ fn an_image_smaller_than_the_device_is_refused_unchanged() {
 }
 
 #[test]
-fn a_grown_source_grows_its_raw_image_only() {
+fn a_grown_source_grows_its_raw_or_qcow2_image() {
     let tmp = TempRoot::new("grow");
     let root = tmp.root();
     let first = |image: &str| {
@@ -560,23 +560,25 @@ fn a_grown_source_grows_its_raw_image_only() {
         .0
         .unwrap();
     };
-    // The raw image of this source, at the size it last had: it grows, and
-    // the generation still counts.
-    first("disk.raw");
-    let (result, replies) = session(&root, &[hello("disk.raw", A, 2 * MIB)]);
-    result.unwrap();
-    assert!(
-        matches!(
-            replies[..],
-            [Message::Welcome(Welcome {
-                generation: 1,
-                image_size,
-                altered: false,
-                ..
-            })] if image_size == 2 * MIB
-        ),
-        "{replies:?}"
-    );
+    // An image of this source, at the size it last had: it grows, and the
+    // generation still counts.
+    for image in ["disk.raw", "disk.qcow2"] {
+        first(image);
+        let (result, replies) = session(&root, &[hello(image, A, 2 * MIB)]);
+        result.unwrap();
+        assert!(
+            matches!(
+                replies[..],
+                [Message::Welcome(Welcome {
+                    generation: 1,
+                    image_size,
+                    altered: false,
+                    ..
+                })] if image_size == 2 * MIB
+            ),
+            "{image}: {replies:?}"
+        );
+    }
     assert_eq!(fs::metadata(root.join("disk.raw")).unwrap().len(), 2 * MIB);
     // Not an image of another size than the source last had.
     fs::OpenOptions::new()
@@ -593,10 +595,10 @@ fn a_grown_source_grows_its_raw_image_only() {
         fs::metadata(root.join("disk.raw")).unwrap().len(),
         MIB + 4096
     );
-    // Nor another format: the refusal names the way out.
-    first("disk.qcow2");
+    // Nor a format ferry cannot grow: the refusal names the way out.
+    first("disk.vmdk");
     let message = expect_error(
-        session(&root, &[hello("disk.qcow2", A, 2 * MIB)]),
+        session(&root, &[hello("disk.vmdk", A, 2 * MIB)]),
         ErrorCode::ImageTooSmall,
     );
     assert!(message.contains("smaller than the source"), "{message}");

@@ -125,6 +125,12 @@ impl Format {
         }
     }
 
+    /// Whether ferry can grow an image of this format with its source
+    /// ([`grow`]).
+    pub fn grows(self) -> bool {
+        matches!(self, Format::Raw | Format::Qcow2)
+    }
+
     /// Most boot points the format keeps (qcow2: what KVM tooling handles
     /// comfortably; the others: the product limit).
     pub fn max_boot_points(self) -> usize {
@@ -337,6 +343,23 @@ pub fn open(format: Format, dir: Dir, name: &str) -> Result<Box<dyn Standby>, Im
         Format::Qcow2 => Ok(Box::new(qcow2::Qcow2::open(&dir, name)?)),
         Format::Vmdk => Ok(Box::new(vmdk::Vmdk::open(&dir, name)?)),
         Format::Vhdx => Ok(Box::new(vhdx::Vhdx::open(&dir, name)?)),
+    }
+}
+
+/// Grows the disk of image `name` to `size` bytes; the new space reads as
+/// zeroes. Raw and qcow2 only ([`Format::grows`]).
+pub fn grow(format: Format, dir: Dir, name: &str, size: u64) -> Result<(), ImageError> {
+    match format {
+        Format::Raw => dir
+            .open_rw(name)
+            .and_then(|f| f.set_len(size))
+            .map_err(ImageError::io(name, format!("extend to {size} bytes"))),
+        Format::Qcow2 => qcow2::Qcow2::open(&dir, name)?.grow(size),
+        Format::Vmdk | Format::Vhdx => Err(ImageError::Unsupported {
+            file: name.to_owned(),
+            format: format.name(),
+            what: "growing the disk".to_owned(),
+        }),
     }
 }
 

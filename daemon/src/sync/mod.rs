@@ -146,10 +146,10 @@ fn refusal_hint(code: ErrorCode) -> &'static str {
              compares checksums and ships only what differs)"
         }
         ErrorCode::ImageTooSmall => {
-            " (if the source disk grew: ferry grows a raw image by itself; grow a qcow2 \
-             image with `qemu-img resize IMAGE SIZE` and sync again; a VMDK or VHDX image \
-             cannot grow: move it away and sync again to seed a new one. The changes wait \
-             on this host until then)"
+            " (if the source disk grew: ferry grows raw and qcow2 images by itself, but \
+             only from the size this source last left them at; a VMDK or VHDX image cannot \
+             grow: move it away and sync again to seed a new one. The changes wait on this \
+             host until then)"
         }
         _ => "",
     }

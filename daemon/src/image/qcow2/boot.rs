@@ -42,13 +42,13 @@ impl Qcow2 {
     }
 
     /// The clusters of an L1 table of `entries` entries at `offset`.
-    fn l1_table_clusters(&self, offset: u64, entries: u32) -> impl Iterator<Item = u64> {
+    pub(super) fn l1_table_clusters(&self, offset: u64, entries: u32) -> impl Iterator<Item = u64> {
         let cluster = self.cluster_size();
         (0..self.l1_clusters(u64::from(entries))).map(move |k| offset + k * cluster)
     }
 
     /// Writes an L1 table to new clusters; returns their offset.
-    fn write_new_l1(&mut self, l1: &[u64]) -> Result<u64, ImageError> {
+    pub(super) fn write_new_l1(&mut self, l1: &[u64]) -> Result<u64, ImageError> {
         let clusters = self.l1_clusters(l1.len() as u64);
         if clusters == 0 {
             return Ok(0);

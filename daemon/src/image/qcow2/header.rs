@@ -20,6 +20,8 @@ const V3_LEN: usize = 112;
 
 /// Byte offsets of the fields rewritten in place.
 pub(super) mod field {
+    /// `size` (u64): the virtual disk size in bytes.
+    pub const SIZE: u64 = 24;
     /// `l1_size` (u32) and `l1_table_offset` (u64).
     pub const L1: u64 = 36;
     /// `refcount_table_offset` (u64) and `refcount_table_clusters` (u32).

@@ -229,6 +229,47 @@ impl Qcow2 {
         Self::open(dir, name)
     }
 
+    /// Grows the disk to `size` bytes, as `qemu-img resize` does: the new
+    /// space reads as zeroes, boot points keep the size they were taken at.
+    /// A larger L1 table that no longer fits its clusters moves to new ones.
+    pub fn grow(&mut self, size: u64) -> Result<(), ImageError> {
+        if size < self.size || !size.is_multiple_of(512) {
+            return Err(unsupported(
+                &self.name,
+                format!("growing a {}-byte disk to {size} bytes", self.size),
+            ));
+        }
+        let entries = header::l1_entries_for(size, self.cluster_bits);
+        if entries > MAX_L1_ENTRIES {
+            return Err(unsupported(
+                &self.name,
+                format!(
+                    "a {size}-byte disk with {}-byte clusters",
+                    self.cluster_size()
+                ),
+            ));
+        }
+        if entries > self.l1.len() as u64 {
+            let old_entries = self.l1.len() as u64;
+            self.l1.resize(entries as usize, 0);
+            if self.l1_clusters(entries) > self.l1_clusters(old_entries) {
+                let l1 = self.l1.clone();
+                let offset = self.write_new_l1(&l1)?;
+                let old: Vec<u64> = self
+                    .l1_table_clusters(self.l1_offset, old_entries as u32)
+                    .collect();
+                self.pending.extend(old);
+                self.l1_offset = offset;
+            } else {
+                // The table's clusters were zero past its end.
+                self.l1_dirty = true;
+            }
+        }
+        self.size = size;
+        self.header_dirty = true;
+        self.commit()
+    }
+
     /// Opens an existing image read-write, checking the header and the
     /// tables it points to.
     pub fn open(dir: &Dir, name: &str) -> Result<Self, ImageError> {
@@ -497,6 +538,9 @@ impl Qcow2 {
             let mut f = (self.l1.len() as u32).to_be_bytes().to_vec();
             f.extend_from_slice(&self.l1_offset.to_be_bytes());
             self.write(field::L1, &f, "write header")?;
+            // After the L1 fields: a crash between the two leaves a table
+            // large enough for either size.
+            self.write(field::SIZE, &self.size.to_be_bytes(), "write header")?;
             let mut f = (self.snapshots.len() as u32).to_be_bytes().to_vec();
             f.extend_from_slice(&self.snap_offset.to_be_bytes());
             self.write(field::SNAPSHOTS, &f, "write header")?;

@@ -757,3 +757,38 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn growing_keeps_data_and_boot_points_and_reads_zeroes_past_the_old_end() {
+    // 512-byte clusters: an L1 entry maps 32 KiB and an L1 cluster holds
+    // 64 entries (2 MiB), so 1 MiB -> 1.5 MiB stays in the table's cluster
+    // and 1.5 MiB -> 5 MiB moves the table.
+    let tmp = TempDir::new("resize");
+    let mut img = Qcow2::create_with(&tmp.dir, IMG, MIB, 9).unwrap();
+    let mut model = vec![0u8; MIB as usize];
+    write(&mut img, &mut model, 1000, &pattern(300_000, 1));
+    img.create_boot_point("V1").unwrap();
+    let at_v1 = model.clone();
+    write(&mut img, &mut model, MIB - 4096, &pattern(4096, 2));
+    let first_l1 = img.l1_offset;
+    for size in [MIB + MIB / 2, 5 * MIB] {
+        img.grow(size).unwrap();
+        model.resize(size as usize, 0);
+        assert_reads(&mut img, &model);
+        write(&mut img, &mut model, size - 5000, &pattern(5000, size));
+        img.flush().unwrap();
+        assert_clean(&tmp.img());
+        assert_same(&tmp, &model);
+    }
+    assert_ne!(img.l1_offset, first_l1, "the L1 table moved");
+    // qemu-img reads a boot point at the image's size now, zeroes past the
+    // size it was taken at (and `qemu-img snapshot -a` restores that size).
+    let mut at_v1 = at_v1;
+    at_v1.resize(5 * MIB as usize, 0);
+    assert_snapshot(&tmp, "V1", &at_v1);
+    drop(img);
+    let mut img = Qcow2::open(&tmp.dir, IMG).unwrap();
+    assert_eq!(img.size(), 5 * MIB);
+    assert_reads(&mut img, &model);
+    assert!(matches!(img.grow(MIB), Err(ImageError::Unsupported { .. })));
+}
