@@ -212,7 +212,8 @@ impl<T: Tracker> Tracking<T> {
         let saved = self
             .store
             .save_pending(device.dev, &RoaringBitmap::new())
-            .and_then(|()| self.store.save_record(device.dev, &rec));
+            .and_then(|()| self.store.save_record(device.dev, &rec))
+            .and_then(|()| self.store.delete_intent(device.dev));
         if let Err(e) = saved {
             // Leave no half-added device behind.
             let _ = self.tracker.remove(device.dev);

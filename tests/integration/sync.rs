@@ -2,7 +2,7 @@
 //! tracker, a real sshd, and `cmp` of source and image as the judge.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::mpsc::Receiver,
     time::{Duration, Instant},
@@ -806,6 +806,49 @@ fn a_qcow2_standby_grows_with_its_device() {
             img,
         ],
     );
+}
+
+/// A job that fails after the target recorded this source's identity, but
+/// before the device was tracked, offers the same identity next time: the
+/// target does not refuse the retry as another source.
+#[test]
+fn a_retry_after_tracking_failed_is_the_same_source() {
+    if !privileged("a_retry_after_tracking_failed_is_the_same_source") {
+        return;
+    }
+    // Nine partitions: one disk's tracked slots run out at eight.
+    let table = format!("label: gpt\n{}", "size=4MiB\n".repeat(9));
+    let dev = LoopDev::with_table(64 * MIB, &table);
+    let part = |n: u32| {
+        let p = dev.partition(n);
+        for _ in 0..200 {
+            if p.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        p.to_str().unwrap().to_owned()
+    };
+    let f = Ferry::new();
+    for n in 1..=8 {
+        f.ok(&["track", "add", &part(n)]);
+    }
+    let dir = TempDir::new();
+    let image = dir.join("p9.img");
+    let url = format!("file://{}", image.display());
+    let p9 = part(9);
+    let out = f.output(&["sync", &p9, &url]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("too many tracked devices"), "{err}");
+    assert!(
+        image.exists(),
+        "the target did not record the source: proves nothing"
+    );
+    f.ok(&["track", "remove", &part(8)]);
+    let r = f.json(&["sync", &p9, &url]);
+    assert_ne!(r["mode"], "incremental", "{r}");
+    assert!(same_content(Path::new(&p9), &image), "{r}");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //!   lock                     flock held by every ferry command that changes state
 //!   devices/7-0.json         DeviceRecord of /dev/loop0 (dev 7:0)
 //!   devices/7-0.pending      roaring bitmap of dirty chunks not yet shipped
+//!   devices/7-0.intent       Intent: the identity a sync offered before tracking began
 //! ```
 
 use std::{
@@ -83,6 +84,18 @@ pub struct DeviceRecord {
     /// ([`crate::device::BlockDevice::diskseq`]); another one means other
     /// media, whose writes were never seen.
     #[serde(default)]
+    pub diskseq: Option<u64>,
+}
+
+/// The source identity a sync offered a target for a device it had not
+/// tracked yet. It is kept until tracking starts, so that a job failing in
+/// between offers the same one next time. The target may already have
+/// recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub source_id: String,
+    /// The device's media sequence number then: other media, another
+    /// source.
     pub diskseq: Option<u64>,
 }
 
@@ -166,9 +179,23 @@ impl Store {
         write_set(&self.base(dev).with_extension("pending"), set)
     }
 
+    pub fn intent(&self, dev: DevNum) -> Result<Option<Intent>, StoreError> {
+        read_json(&self.base(dev).with_extension("intent"))
+    }
+
+    pub fn save_intent(&self, dev: DevNum, intent: &Intent) -> Result<(), StoreError> {
+        write_json(&self.base(dev).with_extension("intent"), intent)
+    }
+
+    /// Drops the intent once the device is tracked (its record holds the
+    /// identity from then on).
+    pub fn delete_intent(&self, dev: DevNum) -> Result<(), StoreError> {
+        remove(&self.base(dev).with_extension("intent"))
+    }
+
     /// Forgets a device entirely.
     pub fn delete(&self, dev: DevNum) -> Result<(), StoreError> {
-        for ext in ["pending", "json"] {
+        for ext in ["pending", "json", "intent"] {
             remove(&self.base(dev).with_extension(ext))?;
         }
         sync_dir(&self.root.join("devices"))

@@ -56,7 +56,7 @@ use crate::{
     device::{BlockDevice, DevNum},
     dirty::{
         extents::{extents, total_bytes},
-        store::{Store, StoreError},
+        store::{Intent, Store, StoreError},
         targets::{target_id, Set, TargetLock, TargetRecord},
     },
     pipeline::{self, Piece, Pipeline, PipelineConfig, PipelineError, PipelineStats},
@@ -351,7 +351,7 @@ impl<'o> Disk<'o> {
         let device = BlockDevice::resolve(&opts.device).map_err(TrackError::from)?;
         let dev = device.dev;
         let id = target_id(dev, &url);
-        let (known, target) = {
+        let (known, target, source_id) = {
             let tracking = open()?;
             let known = match tracking.record(&opts.device) {
                 Ok(rec) => Some(rec),
@@ -359,12 +359,12 @@ impl<'o> Disk<'o> {
                 Err(e) => return Err(e.into()),
             };
             let target = tracking.store().target(&id)?;
-            (known, target)
+            let source_id = match known.as_ref().and_then(|r| r.source_id.clone()) {
+                Some(id) => id,
+                None => intended_source(tracking.store(), &device)?,
+            };
+            (known, target, source_id)
         };
-        let source_id = known
-            .as_ref()
-            .and_then(|r| r.source_id.clone())
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let asked = opts.chunk.unwrap_or(ChunkSize::DEFAULT);
         let chunk = known.as_ref().map_or(asked.bytes(), |r| r.chunk_size);
         if opts.chunk.is_some() && chunk != asked.bytes() {
@@ -662,6 +662,27 @@ impl<'o> Disk<'o> {
 /// sure the device is tracked (tracking it now if it is new, so the seed
 /// misses no write), takes the target's job lock and record, and freezes
 /// the dirty set. Returns the lock, the frozen set and the target record.
+/// The identity to offer for a device not tracked yet: the one a job that
+/// failed before tracking it offered already (its target may hold it now),
+/// while the device holds the same media; otherwise a new one, kept until
+/// tracking starts.
+fn intended_source(store: &Store, device: &BlockDevice) -> Result<String, SyncError> {
+    if let Some(intent) = store.intent(device.dev)? {
+        if intent.diskseq == device.diskseq {
+            return Ok(intent.source_id);
+        }
+    }
+    let source_id = uuid::Uuid::new_v4().to_string();
+    store.save_intent(
+        device.dev,
+        &Intent {
+            source_id: source_id.clone(),
+            diskseq: device.diskseq,
+        },
+    )?;
+    Ok(source_id)
+}
+
 fn track_and_freeze<T: Tracker>(
     open: &mut impl FnMut() -> Result<Tracking<T>, SyncError>,
     opts: &SyncOptions,
