@@ -351,7 +351,7 @@ impl<'o> Disk<'o> {
         let device = BlockDevice::resolve(&opts.device).map_err(TrackError::from)?;
         let dev = device.dev;
         let id = target_id(dev, &url);
-        let (known, target, source_id) = {
+        let (known, target, source_id, intent) = {
             let tracking = open()?;
             let known = match tracking.record(&opts.device) {
                 Ok(rec) => Some(rec),
@@ -359,11 +359,11 @@ impl<'o> Disk<'o> {
                 Err(e) => return Err(e.into()),
             };
             let target = tracking.store().target(&id)?;
-            let source_id = match known.as_ref().and_then(|r| r.source_id.clone()) {
-                Some(id) => id,
+            let (source_id, intent) = match known.as_ref().and_then(|r| r.source_id.clone()) {
+                Some(id) => (id, None),
                 None => intended_source(tracking.store(), &device)?,
             };
-            (known, target, source_id)
+            (known, target, source_id, intent)
         };
         let asked = opts.chunk.unwrap_or(ChunkSize::DEFAULT);
         let chunk = known.as_ref().map_or(asked.bytes(), |r| r.chunk_size);
@@ -438,6 +438,11 @@ impl<'o> Disk<'o> {
             source: std::io::Error::other("the connecting thread panicked"),
         })??;
         let ahead = ahead.transpose()?.flatten();
+        // The target accepted the identity and may have recorded it: keep
+        // it until the device is tracked (a refused job leaves nothing).
+        if let Some(intent) = &intent {
+            open()?.store().save_intent(dev, intent)?;
+        }
         if welcome.image_size < size {
             return Err(SyncError::ImageTooSmall {
                 image: welcome.image_size,
@@ -664,23 +669,23 @@ impl<'o> Disk<'o> {
 /// the dirty set. Returns the lock, the frozen set and the target record.
 /// The identity to offer for a device not tracked yet: the one a job that
 /// failed before tracking it offered already (its target may hold it now),
-/// while the device holds the same media; otherwise a new one, kept until
-/// tracking starts.
-fn intended_source(store: &Store, device: &BlockDevice) -> Result<String, SyncError> {
+/// while the device holds the same media; otherwise a new one, with the
+/// intent to keep once a target accepts it.
+fn intended_source(
+    store: &Store,
+    device: &BlockDevice,
+) -> Result<(String, Option<Intent>), SyncError> {
     if let Some(intent) = store.intent(device.dev)? {
         if intent.diskseq == device.diskseq {
-            return Ok(intent.source_id);
+            return Ok((intent.source_id, None));
         }
     }
     let source_id = uuid::Uuid::new_v4().to_string();
-    store.save_intent(
-        device.dev,
-        &Intent {
-            source_id: source_id.clone(),
-            diskseq: device.diskseq,
-        },
-    )?;
-    Ok(source_id)
+    let intent = Intent {
+        source_id: source_id.clone(),
+        diskseq: device.diskseq,
+    };
+    Ok((source_id, Some(intent)))
 }
 
 fn track_and_freeze<T: Tracker>(
