@@ -19,6 +19,10 @@
 //!   of the new size with no moment untracked, keeps what the old one held,
 //!   and marks all the space the device gained dirty: writes there went
 //!   unseen until now.
+//! - **A renumbered partition stays the same source.** A partition the
+//!   kernel deleted and added again under another number (same name, same
+//!   disk) is tracked under its new number with its identity and targets,
+//!   which compare checksums at their next sync.
 
 use std::{
     path::{Path, PathBuf},
@@ -32,8 +36,8 @@ use crate::{
     device::{BlockDevice, DevNum, DeviceError},
     dirty::{
         extents,
-        store::{DeviceRecord, Store, StoreError},
-        targets::{target_id, Set},
+        store::{DeviceRecord, Intent, Store, StoreError},
+        targets::{target_id, Set, TargetRecord},
     },
     tracker::{ChunkSize, Counters, Epoch, TrackSpec, Tracker, TrackerError},
 };
@@ -160,6 +164,7 @@ impl<T: Tracker> Tracking<T> {
 
     /// Starts tracking `path`.
     pub fn add(&mut self, path: &Path, chunk: ChunkSize) -> Result<DeviceReport, TrackError> {
+        self.follow_renumbered()?;
         self.add_as(path, chunk, uuid::Uuid::new_v4().to_string())
     }
 
@@ -237,6 +242,7 @@ impl<T: Tracker> Tracking<T> {
     }
 
     pub fn list(&mut self) -> Result<Vec<DeviceReport>, TrackError> {
+        self.follow_renumbered()?;
         let mut out = Vec::new();
         for rec in self.store.records()? {
             out.push(self.report(&rec)?);
@@ -488,7 +494,7 @@ impl<T: Tracker> Tracking<T> {
     }
 
     /// The record of a tracked device.
-    pub fn record(&self, path: &Path) -> Result<DeviceRecord, TrackError> {
+    pub fn record(&mut self, path: &Path) -> Result<DeviceRecord, TrackError> {
         self.find(path)
     }
 
@@ -504,12 +510,19 @@ impl<T: Tracker> Tracking<T> {
         Ok(id)
     }
 
-    fn find(&self, path: &Path) -> Result<DeviceRecord, TrackError> {
+    fn find(&mut self, path: &Path) -> Result<DeviceRecord, TrackError> {
         let not_tracked = || TrackError::NotTracked {
             path: path.to_owned(),
         };
+        self.follow_renumbered()?;
         match BlockDevice::resolve(path) {
-            Ok(device) => self.store.record(device.dev)?.ok_or_else(not_tracked),
+            // A record under this number whose device had another name is
+            // not this device's: the number was handed to another device.
+            Ok(device) => self
+                .store
+                .record(device.dev)?
+                .filter(|r| r.path == device.path)
+                .ok_or_else(not_tracked),
             // The device may be gone (a detached loop device): find it by
             // the path it was added under, so it can still be removed.
             Err(DeviceError::NotFound { .. }) => self
@@ -520,6 +533,107 @@ impl<T: Tracker> Tracking<T> {
                 .ok_or_else(not_tracked),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Follows tracked partitions the kernel now knows under another device
+    /// number (deleted and added again, as `partx -u` or a partition editor
+    /// does when a partition moves): same name, same disk, a number no record
+    /// holds. Each is tracked under its new number as the same source, and
+    /// its targets compare checksums at their next sync: its bits counted
+    /// writes to the sectors it had, which it may no longer have. One whose
+    /// targets have a job running is left for a later command.
+    fn follow_renumbered(&mut self) -> Result<(), TrackError> {
+        for rec in self.store.records()? {
+            let Ok(device) = BlockDevice::resolve(&rec.path) else {
+                continue;
+            };
+            let was = dev_of(&rec);
+            if device.dev == was
+                || device.disk.to_string() != rec.disk
+                || self.store.record(device.dev)?.is_some()
+            {
+                continue;
+            }
+            match self.renumber(&rec, &device) {
+                Err(TrackError::TargetBusy { url }) => tracing::warn!(
+                    "{} is now device {}, but a sync to {url} is running; tracking follows it \
+                     at a later command",
+                    rec.path.display(),
+                    device.dev
+                ),
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `rec` to `device`'s number. Crash-safe in this order: the new
+    /// number's target records and identity (an intent) first, then the old
+    /// record goes, then the device is tracked under its new number; a crash
+    /// before the old record goes repeats the move, and one after it leaves
+    /// the intent, which the next sync offers as the identity.
+    fn renumber(&mut self, rec: &DeviceRecord, device: &BlockDevice) -> Result<(), TrackError> {
+        let was = dev_of(rec);
+        let mut reason = format!(
+            "the partition was deleted and added again (device {was}, now {}",
+            device.dev
+        );
+        if device.start_sector != rec.start_sector {
+            reason += &format!(
+                "; start sector {}, now {}",
+                rec.start_sector, device.start_sector
+            );
+        }
+        reason.push(')');
+        let targets = self.store.targets_of(was)?;
+        let mut locks = Vec::new();
+        for (id, t) in &targets {
+            locks.push(self.store.lock_target(id).map_err(|e| match e {
+                StoreError::Busy { .. } => TrackError::TargetBusy { url: t.url.clone() },
+                e => e.into(),
+            })?);
+        }
+        for (_, t) in &targets {
+            let moved = TargetRecord {
+                dev: device.dev.to_string(),
+                needs_resync: Some(t.needs_resync.clone().unwrap_or_else(|| reason.clone())),
+                ..t.clone()
+            };
+            self.store
+                .save_target(&target_id(device.dev, &t.url), &moved)?;
+        }
+        let source_id = match &rec.source_id {
+            Some(id) => id.clone(),
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        self.store.save_intent(
+            device.dev,
+            &Intent {
+                source_id: source_id.clone(),
+                diskseq: device.diskseq,
+            },
+        )?;
+        match self.tracker.remove(was) {
+            Ok(()) | Err(TrackerError::NotTracked { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.store.delete_targets_of(was)?;
+        self.store.delete(was)?;
+        drop(locks);
+        let chunk = ChunkSize::from_bytes(rec.chunk_size).unwrap_or(ChunkSize::DEFAULT);
+        self.add_as(&device.path, chunk, source_id)?;
+        if targets.is_empty() {
+            // No target to hand the reason to: the device keeps it.
+            if let Some(mut now) = self.store.record(device.dev)? {
+                now.needs_resync = Some(rec.needs_resync.clone().unwrap_or(reason.clone()));
+                self.store.save_record(device.dev, &now)?;
+            }
+        }
+        tracing::info!(
+            "{}: {reason}; tracking follows it, and its next sync compares checksums",
+            rec.path.display()
+        );
+        Ok(())
     }
 
     /// Checks that the device's bits can still be trusted; records why not

@@ -877,6 +877,55 @@ fn other_media_under_the_same_device_is_compared_not_trusted() {
     s.resyncs_because("other media");
 }
 
+/// A partition moved to another start (same name, same size; the kernel
+/// may give it another device number): its bits describe sectors it no
+/// longer holds, so the next sync compares checksums, as the same source,
+/// and tracking follows the new start from then on.
+#[test]
+fn a_moved_partition_is_compared_not_trusted() {
+    if !privileged("a_moved_partition_is_compared_not_trusted") {
+        return;
+    }
+    let table = |start: u64| format!("label: dos\nstart={start}, size=32768, type=83\n");
+    let dev = LoopDev::with_table(64 * MIB, &table(2048));
+    // Different data under the old and the new place of the partition.
+    for i in 0..24 {
+        write_random(&dev.path, MIB + i * MIB, 1 << 20, 500 + i);
+    }
+    let p1 = dev.partition(1);
+    let p1s = p1.to_str().unwrap();
+    let f = Ferry::new();
+    let dir = TempDir::new();
+    let image = dir.join("p1.img");
+    let url = format!("file://{}", image.display());
+    let seed = f.json(&["sync", p1s, &url]);
+    assert_eq!(seed["mode"], "seed", "{seed}");
+    assert!(same_content(&p1, &image));
+
+    // The partition now starts 1 MiB further in: nothing was written, yet
+    // every byte of it changed.
+    dev.repartition(&table(4096));
+    assert!(
+        !same_content(&p1, &image),
+        "the move changed nothing: proves nothing"
+    );
+    let r = f.json(&["sync", p1s, &url]);
+    assert_eq!(r["mode"], "resync", "{r}");
+    // The kernel may keep the partition's number or give it another one.
+    let why = r["resync_reason"].as_str().unwrap();
+    assert!(
+        why.contains("partition") && why.contains("start sector 2048, now 4096"),
+        "{r}"
+    );
+    assert!(same_content(&p1, &image), "{r}");
+
+    // Writes through the moved partition land in its new bits.
+    write_random(&p1, 3 * MIB, 4096, 77);
+    let r = f.json(&["sync", p1s, &url]);
+    assert_eq!(r["mode"], "incremental", "{r}");
+    assert!(same_content(&p1, &image), "{r}");
+}
+
 #[test]
 fn an_image_written_outside_ferry_is_compared_not_trusted() {
     if !privileged("an_image_written_outside_ferry_is_compared_not_trusted") {

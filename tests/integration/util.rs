@@ -83,20 +83,7 @@ impl LoopDev {
     /// more; waits for `p1` to appear.
     pub fn with_table(size: u64, table: &str) -> Self {
         let dev = Self::create(size, true);
-        let mut child = Command::new("sfdisk")
-            .args(["--quiet", "--no-reread", dev.path.to_str().unwrap()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("sfdisk");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(table.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "sfdisk failed");
+        dev.write_table(table);
         let p1 = dev.partition(1);
         if !p1.exists() {
             let _ = Command::new("partx")
@@ -111,6 +98,31 @@ impl LoopDev {
         }
         assert!(p1.exists(), "{} did not appear", p1.display());
         dev
+    }
+
+    /// Rewrites the partition table with `table` and has the kernel take
+    /// the changes (`partx -u`), as an admin moves or resizes a partition
+    /// of a disk in use: a partition keeps its device number.
+    pub fn repartition(&self, table: &str) {
+        self.write_table(table);
+        run("partx", &["-u", self.arg()]);
+    }
+
+    fn write_table(&self, table: &str) {
+        let mut child = Command::new("sfdisk")
+            .args(["--quiet", "--no-reread", self.arg()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("sfdisk");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(table.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "sfdisk failed");
     }
 
     fn create(size: u64, partscan: bool) -> Self {

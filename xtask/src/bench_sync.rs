@@ -216,6 +216,12 @@ pub fn run(args: &SyncArgs) -> Result<()> {
     // than a used one. The rounds after it measure the steady state.
     util::step("physical limit: reading the source (fio, O_DIRECT, 1 MiB reads, 16 in flight)");
     let read = runner.attempt("reading the source", || read_device(&device))?;
+    // dd writes a file of its own: had it written the standby image, ferry
+    // would rightly no longer vouch for the image and compare checksums.
+    // Every page of it is written before the rounds, as the standby's are.
+    let dd_copy = target_dir.join("dd.img");
+    util::step("the same job done plainly: a copy of the source for dd to overwrite");
+    fs::copy(&source, &dd_copy).with_context(|| format!("copying {} failed", source.display()))?;
     let (mut again, mut pipes, mut dds) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         let of = format!("round {round} of {}", args.rounds);
@@ -236,9 +242,10 @@ pub fn run(args: &SyncArgs) -> Result<()> {
             "the same job done plainly, {of}: dd of the device | ssh 'dd of=FILE' (no checks)"
         ));
         dds.extend(runner.attempt("dd over ssh", || {
-            dd_over_ssh(&sshd, &device, &image.path, bytes, &meter)
+            dd_over_ssh(&sshd, &device, &dd_copy, bytes, &meter)
         })?);
     }
+    remove_file(&dd_copy)?;
 
     report(&Results {
         size_mib: args.size_mib,
@@ -617,9 +624,9 @@ fn discard_over_ssh(sshd: &Sshd, source: &Path, meter: &Meter) -> Result<Timed> 
 
 /// `dd` of the device (O_DIRECT, 1 MiB blocks) piped into `ssh HOST 'dd
 /// of=DEST conv=notrunc'`: what a 100% churn sync does (read, ship, write),
-/// without checksums, commit or fsync. DEST is the standby image, which the
-/// second overwrite left with every page written: a fresh file here would
-/// time the host handing out new memory. Then checks the copy.
+/// without checksums, commit or fsync. DEST already has every page written:
+/// a fresh file here would time the host handing out new memory. Then
+/// checks the copy.
 fn dd_over_ssh(sshd: &Sshd, device: &str, dest: &Path, bytes: u64, meter: &Meter) -> Result<Timed> {
     let remote = format!(
         "dd of={} bs=1M iflag=fullblock conv=notrunc status=none",

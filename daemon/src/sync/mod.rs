@@ -352,7 +352,7 @@ impl<'o> Disk<'o> {
         let dev = device.dev;
         let id = target_id(dev, &url);
         let (known, target, source_id, intent) = {
-            let tracking = open()?;
+            let mut tracking = open()?;
             let known = match tracking.record(&opts.device) {
                 Ok(rec) => Some(rec),
                 Err(TrackError::NotTracked { .. }) => None,
