@@ -313,6 +313,29 @@ pub struct Data {
     pub payload: Vec<u8>,
 }
 
+/// A `Data` frame's fields with its payload borrowed: what the sender
+/// writes from wherever the payload is.
+#[derive(Clone, Copy, Debug)]
+pub struct DataRef<'a> {
+    pub offset: u64,
+    pub raw_len: u32,
+    pub codec: Codec,
+    pub data_hash: u64,
+    pub payload: &'a [u8],
+}
+
+impl Data {
+    pub fn view(&self) -> DataRef<'_> {
+        DataRef {
+            offset: self.offset,
+            raw_len: self.raw_len,
+            codec: self.codec,
+            data_hash: self.data_hash,
+            payload: &self.payload,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     Hello(Hello),
@@ -410,7 +433,7 @@ pub enum ProtocolError {
 pub fn encode(msg: &Message) -> Vec<u8> {
     if let Message::Data(d) = msg {
         let mut buf = Vec::with_capacity(HEADER_LEN + DATA_PREFIX_LEN + d.payload.len());
-        encode_data_into(&mut buf, d);
+        encode_data_into(&mut buf, &d.view());
         return buf;
     }
     let mut buf = vec![0; HEADER_LEN];
@@ -425,13 +448,13 @@ pub fn encode(msg: &Message) -> Vec<u8> {
 ///
 /// # Panics
 /// As [`encode`].
-pub fn encode_data_into(buf: &mut Vec<u8>, d: &Data) {
+pub fn encode_data_into(buf: &mut Vec<u8>, d: &DataRef) {
     let prefix = data_prefix(d);
     let len = checked_len(DATA_PREFIX_LEN + d.payload.len()).expect("Data payload too large");
     buf.reserve(HEADER_LEN + len as usize);
     buf.extend_from_slice(&header(Kind::Data, len, &data_covered(d, &prefix)));
     buf.extend_from_slice(&prefix);
-    buf.extend_from_slice(&d.payload);
+    buf.extend_from_slice(d.payload);
 }
 
 /// Writes one frame. A `Data` payload is written from where it is, not
@@ -444,15 +467,7 @@ pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> io::Result<()> {
         )
     };
     match msg {
-        Message::Data(d) => {
-            let prefix = data_prefix(d);
-            let len = checked_len(DATA_PREFIX_LEN + d.payload.len()).ok_or_else(too_large)?;
-            let mut head = [0; HEADER_LEN + DATA_PREFIX_LEN];
-            head[..HEADER_LEN].copy_from_slice(&header(Kind::Data, len, &data_covered(d, &prefix)));
-            head[HEADER_LEN..].copy_from_slice(&prefix);
-            w.write_all(&head)?;
-            w.write_all(&d.payload)
-        }
+        Message::Data(d) => write_data(w, &d.view()),
         _ => {
             let mut buf = vec![0; HEADER_LEN];
             encode_payload(msg, &mut buf);
@@ -462,6 +477,22 @@ pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> io::Result<()> {
             w.write_all(&buf)
         }
     }
+}
+
+/// Writes one `Data` frame, its payload from where it is. Does not flush.
+pub fn write_data<W: Write>(w: &mut W, d: &DataRef) -> io::Result<()> {
+    let prefix = data_prefix(d);
+    let len = checked_len(DATA_PREFIX_LEN + d.payload.len()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("Data frame payload over {MAX_PAYLOAD} bytes"),
+        )
+    })?;
+    let mut head = [0; HEADER_LEN + DATA_PREFIX_LEN];
+    head[..HEADER_LEN].copy_from_slice(&header(Kind::Data, len, &data_covered(d, &prefix)));
+    head[HEADER_LEN..].copy_from_slice(&prefix);
+    w.write_all(&head)?;
+    w.write_all(d.payload)
 }
 
 /// Reads one frame. `Ok(None)` is a clean end of stream at a frame boundary;
@@ -580,14 +611,14 @@ const DATA_CODEC_AT: usize = 12;
 /// What a `Data` frame's checksum covers: the fixed fields, and the payload
 /// unless it is raw (then its hash, in the fixed fields, covers it; an empty
 /// part adds nothing to the checksum).
-fn data_covered<'a>(d: &'a Data, prefix: &'a [u8; DATA_PREFIX_LEN]) -> [&'a [u8]; 2] {
+fn data_covered<'a>(d: &DataRef<'a>, prefix: &'a [u8; DATA_PREFIX_LEN]) -> [&'a [u8]; 2] {
     match d.codec {
         Codec::Raw => [prefix, &[]],
-        Codec::Zstd => [prefix, &d.payload],
+        Codec::Zstd => [prefix, d.payload],
     }
 }
 
-fn data_prefix(d: &Data) -> [u8; DATA_PREFIX_LEN] {
+fn data_prefix(d: &DataRef) -> [u8; DATA_PREFIX_LEN] {
     let mut p = [0u8; DATA_PREFIX_LEN];
     p[0..8].copy_from_slice(&d.offset.to_le_bytes());
     p[8..12].copy_from_slice(&d.raw_len.to_le_bytes());
@@ -619,7 +650,7 @@ fn encode_payload(msg: &Message, b: &mut Vec<u8>) {
             b.extend_from_slice(&w.source_id.unwrap_or_default());
         }
         Message::Data(d) => {
-            b.extend_from_slice(&data_prefix(d));
+            b.extend_from_slice(&data_prefix(&d.view()));
             b.extend_from_slice(&d.payload);
         }
         Message::Zero { offset, len } => {
@@ -1141,12 +1172,12 @@ mod tests {
         let fixed = with_header(3, 0, 25, 0, &d[HEADER_LEN..]);
         assert!(matches!(read(fixed), Err(ProtocolError::Malformed { .. })));
         // Raw payload shorter than raw_len.
-        let prefix = data_prefix(&Data {
+        let prefix = data_prefix(&DataRef {
             offset: 0,
             raw_len: 10,
             codec: Codec::Raw,
             data_hash: 0,
-            payload: vec![],
+            payload: &[],
         })
         .to_vec();
         // The checksum of a raw Data frame covers its fixed fields only.

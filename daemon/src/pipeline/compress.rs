@@ -22,7 +22,7 @@ use std::{io, sync::Arc};
 use crossbeam_channel::Receiver;
 use zstd::bulk::Compressor;
 
-use super::{Codec, PanicGuard, Permit, Piece, PipelineError, Sender, Shared};
+use super::{Codec, PanicGuard, Payload, Permit, Piece, PipelineError, Sender, Shared};
 
 /// Compressed output must be below this share of the raw size (in percent)
 /// to be worth sending compressed.
@@ -109,7 +109,7 @@ fn too_big(n: usize, raw: usize) -> bool {
 /// A run of non-zero chunks on its way to a worker.
 pub(super) struct Job {
     pub(super) offset: u64,
-    pub(super) raw: Vec<u8>,
+    pub(super) raw: Payload,
     /// `xxh3_64` of `raw`.
     pub(super) data_hash: u64,
     pub(super) permit: Permit,
@@ -189,7 +189,7 @@ pub(super) fn encode(zstd: Option<&mut Zstd>, job: Job) -> io::Result<Piece> {
         None => None,
     };
     let (codec, payload) = match compressed {
-        Some(payload) => (Codec::Zstd, payload),
+        Some(payload) => (Codec::Zstd, Payload::Owned(payload)),
         None => (Codec::Raw, raw),
     };
     // The raw bytes are gone if compressed: hold only what is kept.
@@ -215,7 +215,7 @@ mod tests {
             offset: 4096,
             permit: budget.acquire(raw.len() as u64).unwrap(),
             data_hash: xxhash_rust::xxh3::xxh3_64(&raw),
-            raw,
+            raw: raw.into(),
         }
     }
 
@@ -255,7 +255,7 @@ mod tests {
             panic!("not data")
         };
         assert_eq!(codec, Codec::Raw);
-        assert_eq!(payload, raw);
+        assert_eq!(&payload[..], &raw[..]);
     }
 
     #[test]
@@ -281,7 +281,7 @@ mod tests {
         let Piece::Data { codec, payload, .. } = piece else {
             panic!("not data")
         };
-        assert_eq!((codec, payload), (Codec::Raw, random));
+        assert_eq!((codec, &payload[..]), (Codec::Raw, &random[..]));
     }
 
     #[test]
@@ -331,6 +331,6 @@ mod tests {
         let Piece::Data { codec, payload, .. } = piece else {
             panic!("not data")
         };
-        assert_eq!((codec, payload), (Codec::Raw, raw));
+        assert_eq!((codec, &payload[..]), (Codec::Raw, &raw[..]));
     }
 }

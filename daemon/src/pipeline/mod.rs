@@ -20,7 +20,9 @@
 //!   whatever the consumer did.
 //!
 //! Fixed per-pipeline memory outside the budget: `queue_depth` read buffers
-//! of `max_io` bytes (fewer if the budget cannot fill them), one
+//! of `max_io` bytes (fewer if the budget cannot fill them), plus spare ones
+//! that long reads are leased from rather than copied (as many as can wait
+//! to be sent, within the budget; none for a job of short reads), one
 //! compression scratch buffer per compressor thread, and the queues' slots
 //! (at most 4096 pieces and 256 jobs, without their data, a few hundred
 //! KiB).
@@ -47,6 +49,7 @@ pub use budget::{Budget, Permit};
 
 use crate::{
     dirty::Extent,
+    sys::uring::Lease,
     throttle::{IoPrio, RateLimiter},
 };
 
@@ -55,6 +58,31 @@ use crate::{
 pub enum Codec {
     Raw,
     Zstd,
+}
+
+/// A data run's bytes: copied out of the read ring or compressed, or the
+/// ring's own buffer, leased until the piece is dropped.
+#[derive(Debug)]
+pub enum Payload {
+    Owned(Vec<u8>),
+    Leased(Lease),
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Owned(bytes) => bytes,
+            Payload::Leased(lease) => lease,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(bytes: Vec<u8>) -> Self {
+        Payload::Owned(bytes)
+    }
 }
 
 /// A run of the device, ready to send.
@@ -67,7 +95,7 @@ pub enum Piece {
         codec: Codec,
         /// `xxh3_64` of the raw bytes.
         data_hash: u64,
-        payload: Vec<u8>,
+        payload: Payload,
         /// Holds the piece's share of the memory budget until dropped.
         permit: Permit,
     },
@@ -389,8 +417,8 @@ impl Pipeline {
         let shared = Arc::new(Shared::default());
         let queue = reader::queue_len(&extents, read_size);
         let (out_tx, out_rx) = crossbeam_channel::bounded(queue);
-        let (job_tx, job_rx) =
-            crossbeam_channel::bounded((queue / 16).max(cfg.compress_threads * 2));
+        let jobs = (queue / 16).max(cfg.compress_threads * 2);
+        let (job_tx, job_rx) = crossbeam_channel::bounded(jobs);
         let mut pipeline = Pipeline {
             rx: out_rx,
             shared: shared.clone(),
@@ -429,10 +457,25 @@ impl Pipeline {
         let depth = cfg
             .queue_depth
             .min(u32::try_from((cfg.mem_cap / read_size).max(1)).unwrap_or(u32::MAX));
+        // Spare buffers to lease long reads from: as many as can wait
+        // downstream (queued, with the compressors, with the consumer),
+        // within the budget, and no more than there are long reads.
+        let long_reads = reader::Reads::new(extents.iter().copied(), read_size)
+            .filter(|r| r.len >= reader::LEASE_MIN)
+            .count();
+        let spare = (queue + jobs + cfg.compress_threads + 1)
+            .min(
+                usize::try_from(cfg.mem_cap / read_size)
+                    .unwrap_or(usize::MAX)
+                    .saturating_sub(depth as usize),
+            )
+            .min(long_reads)
+            .min(usize::from(u16::MAX) - depth as usize);
         let reader = reader::Reader {
             path: device.to_owned(),
             reads: reader::Reads::new(extents, read_size),
             depth: depth as u16,
+            spare: spare as u16,
             buf_len: read_size.next_multiple_of(crate::sys::uring::BUF_ALIGN as u64) as usize,
             chunk_size: cfg.chunk_size,
             ioprio: cfg.ioprio,

@@ -14,7 +14,9 @@
 
 use std::{collections::HashMap, iter::Peekable, path::PathBuf, sync::Arc, time::Duration};
 
-use super::{compress::Job, Budget, PanicGuard, Permit, Piece, PipelineError, Sender, Shared};
+use super::{
+    compress::Job, Budget, PanicGuard, Payload, Permit, Piece, PipelineError, Sender, Shared,
+};
 use crate::{
     dirty::Extent,
     sys::{
@@ -125,6 +127,8 @@ pub(super) struct Reader {
     pub(super) path: PathBuf,
     pub(super) reads: Reads,
     pub(super) depth: u16,
+    /// Buffers beyond `depth` that long reads are leased from.
+    pub(super) spare: u16,
     pub(super) buf_len: usize,
     pub(super) chunk_size: u64,
     pub(super) ioprio: Option<IoPrio>,
@@ -177,7 +181,14 @@ impl Reader {
             );
         }
         let block = if direct { SECTOR as u32 } else { 1 };
-        Ok(ReadRing::new(file, self.depth, self.buf_len, block, true)?)
+        Ok(ReadRing::new(
+            file,
+            self.depth,
+            self.spare,
+            self.buf_len,
+            block,
+            true,
+        )?)
     }
 
     fn plan(&self, read: Extent) -> Planned {
@@ -263,7 +274,7 @@ impl Reader {
 
     fn complete(
         &self,
-        done: Completed<'_>,
+        mut done: Completed<'_>,
         in_flight: &mut HashMap<u64, InFlight>,
     ) -> Result<(), Halt> {
         let InFlight { permit, len } = in_flight
@@ -273,7 +284,22 @@ impl Reader {
             ReadResult::Data(data) => {
                 Shared::add(&self.shared.bytes_read, len);
                 Shared::add(&self.shared.read_ops, 1);
-                self.split(done.offset, data, permit)
+                let runs = self.runs(done.offset, data);
+                if let [(0, end, false)] = runs[..] {
+                    if end as u64 >= LEASE_MIN {
+                        if let Some(lease) = done.lease() {
+                            // One run of data, kept where it was read.
+                            let data_hash = xxhash_rust::xxh3::xxh3_64(&lease);
+                            return self.send_job(
+                                done.offset,
+                                Payload::Leased(lease),
+                                data_hash,
+                                permit,
+                            );
+                        }
+                    }
+                }
+                self.split(done.offset, data, &runs, permit)
             }
             ReadResult::Eof { at } => Err(Halt::Failed(PipelineError::ShortRead {
                 path: self.path.clone(),
@@ -288,25 +314,34 @@ impl Reader {
         }
     }
 
-    /// Cuts `data` (read at `offset`) on the chunk grid into zero and data
-    /// runs and sends each on.
-    fn split(&self, offset: u64, data: &[u8], mut permit: Permit) -> Result<(), Halt> {
-        let mut run_start = 0;
-        let mut run_zero = None;
+    /// Cuts `data` (read at `offset`) on the chunk grid into runs of zero
+    /// and of data chunks: `(start, end, zero)`, in order.
+    fn runs(&self, offset: u64, data: &[u8]) -> Vec<(usize, usize, bool)> {
+        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
         let mut pos = 0;
         while pos < data.len() {
             let chunk_end = ((offset + pos as u64) / self.chunk_size + 1) * self.chunk_size;
             let end = ((chunk_end - offset) as usize).min(data.len());
             let zero = is_zero(&data[pos..end]);
-            if run_zero.is_some_and(|z| z != zero) {
-                self.emit(offset, &data[run_start..pos], run_start, !zero, &mut permit)?;
-                run_start = pos;
+            match runs.last_mut() {
+                Some(run) if run.2 == zero => run.1 = end,
+                _ => runs.push((pos, end, zero)),
             }
-            run_zero = Some(zero);
             pos = end;
         }
-        if let Some(zero) = run_zero {
-            self.emit(offset, &data[run_start..], run_start, zero, &mut permit)?;
+        runs
+    }
+
+    /// Sends each of `runs` of `data` (read at `offset`) on.
+    fn split(
+        &self,
+        offset: u64,
+        data: &[u8],
+        runs: &[(usize, usize, bool)],
+        mut permit: Permit,
+    ) -> Result<(), Halt> {
+        for &(start, end, zero) in runs {
+            self.emit(offset, &data[start..end], start, zero, &mut permit)?;
         }
         Ok(())
     }
@@ -328,16 +363,32 @@ impl Reader {
                 .map_err(|_| Halt::Gone)
         } else {
             let (raw, data_hash) = copy_hashed(run);
-            let job = Job {
-                offset,
-                raw,
-                data_hash,
-                permit: permit.split(len),
-            };
-            self.jobs.send(job).map_err(|_| Halt::Gone)
+            self.send_job(offset, Payload::Owned(raw), data_hash, permit.split(len))
         }
     }
+
+    fn send_job(
+        &self,
+        offset: u64,
+        raw: Payload,
+        data_hash: u64,
+        permit: Permit,
+    ) -> Result<(), Halt> {
+        let job = Job {
+            offset,
+            raw,
+            data_hash,
+            permit,
+        };
+        self.jobs.send(job).map_err(|_| Halt::Gone)
+    }
 }
+
+/// Reads of at least this many bytes that hold no zero chunk are sent on in
+/// the ring's buffer (leased) rather than copied out, while spare buffers
+/// last. Shorter ones are copied: cheap, and they would tie up a whole
+/// buffer each.
+pub(super) const LEASE_MIN: u64 = 64 << 10;
 
 /// Bytes copied and then hashed at a time: small enough that the hash
 /// reads what the copy just wrote from the core's cache.

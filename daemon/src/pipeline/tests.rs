@@ -139,7 +139,7 @@ fn check_piece(file: &File, chunk: u64, piece: &Piece) {
             permit: _,
         } => {
             let raw = match codec {
-                Codec::Raw => payload.clone(),
+                Codec::Raw => payload.to_vec(),
                 Codec::Zstd => zstd::bulk::decompress(payload, *raw_len as usize).unwrap(),
             };
             assert!(raw == expected, "data at {offset} differs from pread");
@@ -288,7 +288,7 @@ fn incompressible_data_is_sent_raw() {
             panic!("random data read as zeroes");
         };
         assert_eq!(codec, Codec::Raw);
-        assert!(payload == data[offset as usize..offset as usize + payload.len()]);
+        assert!(payload[..] == data[offset as usize..offset as usize + payload.len()]);
     }
     let stats = p.finish().unwrap();
     assert_eq!(stats.payload_bytes, stats.data_bytes);

@@ -882,13 +882,13 @@ pub(crate) fn send_piece(session: &mut Session, piece: Piece) -> Result<(), Sync
                 pipeline::Codec::Raw => protocol::Codec::Raw,
                 pipeline::Codec::Zstd => protocol::Codec::Zstd,
             };
-            session.send(&Message::Data(protocol::Data {
+            session.send_data(&protocol::DataRef {
                 offset,
                 raw_len,
                 codec,
                 data_hash,
-                payload,
-            }))?;
+                payload: &payload,
+            })?;
             drop(permit);
             Ok(())
         }

@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 
 use super::SyncError;
 use crate::{
-    protocol::{self, Hello, Message, ProtocolError, Welcome},
+    protocol::{self, DataRef, Hello, Message, ProtocolError, Welcome},
     throttle::RateLimiter,
     transport::{Link, LinkEnd, TransportError},
 };
@@ -99,19 +99,25 @@ impl Session {
     /// Sends one message.
     pub fn send(&mut self, msg: &Message) -> Result<(), SyncError> {
         if let Message::Data(d) = msg {
-            self.data_frames += 1;
-            if self.corrupt_frame != Some(self.data_frames) {
-                // The hot path: header and payload go out as they are,
-                // without copying the payload into a frame buffer.
-                let len = protocol::HEADER_LEN + protocol::DATA_PREFIX_LEN + d.payload.len();
-                return self.write(len as u64, |tx| protocol::write_message(tx, msg));
-            }
-            let mut frame = protocol::encode(msg);
-            let last = frame.len() - 1;
-            frame[last] ^= 0x5a;
-            return self.write(frame.len() as u64, |tx| tx.write_all(&frame));
+            return self.send_data(&d.view());
         }
         let frame = protocol::encode(msg);
+        self.write(frame.len() as u64, |tx| tx.write_all(&frame))
+    }
+
+    /// Sends one `Data` frame.
+    pub fn send_data(&mut self, d: &DataRef) -> Result<(), SyncError> {
+        self.data_frames += 1;
+        if self.corrupt_frame != Some(self.data_frames) {
+            // The hot path: header and payload go out as they are, without
+            // copying the payload into a frame buffer.
+            let len = protocol::HEADER_LEN + protocol::DATA_PREFIX_LEN + d.payload.len();
+            return self.write(len as u64, |tx| protocol::write_data(tx, d));
+        }
+        let mut frame = Vec::new();
+        protocol::encode_data_into(&mut frame, d);
+        let last = frame.len() - 1;
+        frame[last] ^= 0x5a;
         self.write(frame.len() as u64, |tx| tx.write_all(&frame))
     }
 
