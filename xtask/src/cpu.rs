@@ -4,9 +4,9 @@
 //!
 //! - source side: the children this process waited for during the run
 //!   (ferry and its `ssh`, or a baseline's shell, `ssh` and `dd`), plus
-//!   the background `ssh` connection ferry keeps open (which does the
-//!   encrypting for ferry's jobs), found by its control socket's path
-//!   under ferry's state directory;
+//!   the background `ssh` connections ferry and the baselines keep open
+//!   (which do the encrypting for their jobs), found by their control
+//!   sockets' paths;
 //! - target side: the private sshd and all of its descendants (one sshd
 //!   per connection, and the agent, `cat` or `dd` it runs): live ones by
 //!   their own time, finished ones through their parents' `cutime` and
@@ -42,9 +42,10 @@ impl Sub for Spent {
 pub struct Meter {
     /// The private sshd's listener.
     sshd: u32,
-    /// In the command line of ferry's kept `ssh` connection (which shows
-    /// its control socket's path, `ssh: PATH [mux]`).
-    control: String,
+    /// In the command line of a kept `ssh` connection, ferry's or a
+    /// baseline's (which shows its control socket's path, `ssh: PATH
+    /// [mux]`).
+    controls: Vec<String>,
 }
 
 /// One reading: the totals so far, and the kept connections' own times
@@ -58,8 +59,15 @@ impl Meter {
     pub fn new(sshd: u32, state_dir: &Path) -> Self {
         Self {
             sshd,
-            control: format!("{}/", state_dir.join("ssh").display()),
+            controls: vec![format!("{}/", state_dir.join("ssh").display())],
         }
+    }
+
+    /// Also counts on the source side the kept connections whose control
+    /// sockets are in `dir`.
+    pub fn with_control_dir(mut self, dir: &Path) -> Self {
+        self.controls.push(format!("{}/", dir.display()));
+        self
     }
 
     /// Runs `f` and returns what it returned and the CPU time it cost.
@@ -91,7 +99,12 @@ impl Meter {
         }
         let masters = procs
             .iter()
-            .filter(|(pid, p)| p.comm == "ssh" && cmdline(**pid).contains(&self.control))
+            .filter(|(pid, p)| {
+                p.comm == "ssh" && {
+                    let line = cmdline(**pid);
+                    self.controls.iter().any(|c| line.contains(c.as_str()))
+                }
+            })
             .map(|(pid, p)| (*pid, p.own as f64 / tick))
             .collect();
         Ok(Reading {

@@ -185,6 +185,22 @@ impl Sshd {
             .join(" ")
     }
 
+    /// [`Sshd::ssh_command`] sharing one connection, kept open, through the
+    /// control socket `control`: as ferry does, so that a transfer timed
+    /// with it does not pay for logging in.
+    pub fn kept_ssh_command(&self, control: &Path) -> String {
+        let words = [
+            "-o".to_owned(),
+            "ControlMaster=auto".to_owned(),
+            "-o".to_owned(),
+            format!("ControlPath={}", control.display()),
+            "-o".to_owned(),
+            "ControlPersist=600".to_owned(),
+        ];
+        let extra: Vec<String> = words.iter().map(|word| shell_quote(word)).collect();
+        format!("{} {}", self.ssh_command(), extra.join(" "))
+    }
+
     /// ferry's options for logging in to this sshd.
     pub fn ferry_args(&self) -> Vec<OsString> {
         vec![
