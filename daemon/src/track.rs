@@ -37,7 +37,7 @@ use crate::{
     dirty::{
         extents,
         store::{DeviceRecord, Intent, Store, StoreError},
-        targets::{target_id, Set, TargetRecord},
+        targets::{target_id, Set, TargetLock, TargetRecord},
     },
     tracker::{ChunkSize, Counters, Epoch, TrackSpec, Tracker, TrackerError},
 };
@@ -231,7 +231,11 @@ impl<T: Tracker> Tracking<T> {
     /// Stops tracking `path` and forgets its pending set.
     pub fn remove(&mut self, path: &Path) -> Result<(), TrackError> {
         let rec = self.find(path)?;
-        let dev = dev_of(&rec);
+        self.forget(dev_of(&rec))
+    }
+
+    /// Drops `dev`'s kernel slot, record, pending set and targets.
+    fn forget(&mut self, dev: DevNum) -> Result<(), TrackError> {
         match self.tracker.remove(dev) {
             Ok(()) | Err(TrackerError::NotTracked { .. }) => {}
             Err(e) => return Err(e.into()),
@@ -239,6 +243,16 @@ impl<T: Tracker> Tracking<T> {
         self.store.delete_targets_of(dev)?;
         self.store.delete(dev)?;
         Ok(())
+    }
+
+    /// Takes target `id`'s job lock, or says a sync to `url` holds it.
+    fn lock_target(&self, id: &str, url: &str) -> Result<TargetLock, TrackError> {
+        self.store.lock_target(id).map_err(|e| match e {
+            StoreError::Busy { .. } => TrackError::TargetBusy {
+                url: url.to_owned(),
+            },
+            e => e.into(),
+        })
     }
 
     pub fn list(&mut self) -> Result<Vec<DeviceReport>, TrackError> {
@@ -311,12 +325,7 @@ impl<T: Tracker> Tracking<T> {
                 url: url.to_owned(),
             });
         }
-        let _lock = self.store.lock_target(&id).map_err(|e| match e {
-            StoreError::Busy { .. } => TrackError::TargetBusy {
-                url: url.to_owned(),
-            },
-            e => e.into(),
-        })?;
+        let _lock = self.lock_target(&id, url)?;
         self.store.delete_target(&id)?;
         Ok(())
     }
@@ -586,13 +595,10 @@ impl<T: Tracker> Tracking<T> {
         }
         reason.push(')');
         let targets = self.store.targets_of(was)?;
-        let mut locks = Vec::new();
-        for (id, t) in &targets {
-            locks.push(self.store.lock_target(id).map_err(|e| match e {
-                StoreError::Busy { .. } => TrackError::TargetBusy { url: t.url.clone() },
-                e => e.into(),
-            })?);
-        }
+        let locks = targets
+            .iter()
+            .map(|(id, t)| self.lock_target(id, &t.url))
+            .collect::<Result<Vec<_>, _>>()?;
         for (_, t) in &targets {
             let moved = TargetRecord {
                 dev: device.dev.to_string(),
@@ -602,10 +608,10 @@ impl<T: Tracker> Tracking<T> {
             self.store
                 .save_target(&target_id(device.dev, &t.url), &moved)?;
         }
-        let source_id = match &rec.source_id {
-            Some(id) => id.clone(),
-            None => uuid::Uuid::new_v4().to_string(),
-        };
+        let source_id = rec
+            .source_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         self.store.save_intent(
             device.dev,
             &Intent {
@@ -613,12 +619,7 @@ impl<T: Tracker> Tracking<T> {
                 diskseq: device.diskseq,
             },
         )?;
-        match self.tracker.remove(was) {
-            Ok(()) | Err(TrackerError::NotTracked { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        self.store.delete_targets_of(was)?;
-        self.store.delete(was)?;
+        self.forget(was)?;
         drop(locks);
         let chunk = ChunkSize::from_bytes(rec.chunk_size).unwrap_or(ChunkSize::DEFAULT);
         self.add_as(&device.path, chunk, source_id)?;

@@ -483,6 +483,7 @@ impl Pipeline {
             read_ops: cfg.read_ops,
             budget,
             shared,
+            runs: Vec::new(),
             out: out_tx,
             jobs: job_tx,
         };

@@ -117,6 +117,10 @@ struct Planned {
     ops: Option<Ticket>,
 }
 
+/// A run of a read: start, end (bytes into the read) and whether its
+/// chunks are all zero.
+pub(super) type Run = (usize, usize, bool);
+
 /// A read the ring holds.
 struct InFlight {
     permit: Permit,
@@ -136,6 +140,8 @@ pub(super) struct Reader {
     pub(super) read_ops: Option<Arc<RateLimiter>>,
     pub(super) budget: Budget,
     pub(super) shared: Arc<Shared>,
+    /// Scratch for each read's runs, kept from read to read.
+    pub(super) runs: Vec<Run>,
     pub(super) out: Sender,
     pub(super) jobs: crossbeam_channel::Sender<Job>,
 }
@@ -273,7 +279,7 @@ impl Reader {
     }
 
     fn complete(
-        &self,
+        &mut self,
         mut done: Completed<'_>,
         in_flight: &mut HashMap<u64, InFlight>,
     ) -> Result<(), Halt> {
@@ -284,22 +290,22 @@ impl Reader {
             ReadResult::Data(data) => {
                 Shared::add(&self.shared.bytes_read, len);
                 Shared::add(&self.shared.read_ops, 1);
-                let runs = self.runs(done.offset, data);
-                if let [(0, end, false)] = runs[..] {
-                    if end as u64 >= LEASE_MIN {
-                        if let Some(lease) = done.lease() {
-                            // One run of data, kept where it was read.
-                            let data_hash = xxhash_rust::xxh3::xxh3_64(&lease);
-                            return self.send_job(
-                                done.offset,
-                                Payload::Leased(lease),
-                                data_hash,
-                                permit,
-                            );
-                        }
+                let mut runs = std::mem::take(&mut self.runs);
+                self.cut(done.offset, data, &mut runs);
+                let lease = match runs[..] {
+                    [(0, end, false)] if end as u64 >= LEASE_MIN => done.lease(),
+                    _ => None,
+                };
+                let sent = match lease {
+                    // One run of data, kept where it was read.
+                    Some(lease) => {
+                        let data_hash = xxhash_rust::xxh3::xxh3_64(&lease);
+                        self.send_job(done.offset, Payload::Leased(lease), data_hash, permit)
                     }
-                }
-                self.split(done.offset, data, &runs, permit)
+                    None => self.split(done.offset, data, &runs, permit),
+                };
+                self.runs = runs;
+                sent
             }
             ReadResult::Eof { at } => Err(Halt::Failed(PipelineError::ShortRead {
                 path: self.path.clone(),
@@ -315,9 +321,9 @@ impl Reader {
     }
 
     /// Cuts `data` (read at `offset`) on the chunk grid into runs of zero
-    /// and of data chunks: `(start, end, zero)`, in order.
-    fn runs(&self, offset: u64, data: &[u8]) -> Vec<(usize, usize, bool)> {
-        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    /// and of data chunks: `(start, end, zero)`, in order, into `runs`.
+    fn cut(&self, offset: u64, data: &[u8], runs: &mut Vec<Run>) {
+        runs.clear();
         let mut pos = 0;
         while pos < data.len() {
             let chunk_end = ((offset + pos as u64) / self.chunk_size + 1) * self.chunk_size;
@@ -329,7 +335,6 @@ impl Reader {
             }
             pos = end;
         }
-        runs
     }
 
     /// Sends each of `runs` of `data` (read at `offset`) on.
@@ -337,7 +342,7 @@ impl Reader {
         &self,
         offset: u64,
         data: &[u8],
-        runs: &[(usize, usize, bool)],
+        runs: &[Run],
         mut permit: Permit,
     ) -> Result<(), Halt> {
         for &(start, end, zero) in runs {

@@ -134,16 +134,16 @@ impl Completed<'_> {
     }
 }
 
-impl std::fmt::Debug for AlignedBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AlignedBuf({} bytes)", self.len)
-    }
-}
-
 /// Heap memory aligned to [`BUF_ALIGN`], zeroed at allocation.
 struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
 }
 
 // SAFETY: the buffer is plain memory owned by this value; who may write it
@@ -383,13 +383,9 @@ impl ReadRing {
     /// Takes back the buffers of leases that ended.
     fn take_back(&mut self) {
         while let Ok(idx) = self.returned.try_recv() {
-            self.give_back(idx);
+            self.leased -= 1;
+            self.free.push(idx);
         }
-    }
-
-    fn give_back(&mut self, idx: u16) {
-        self.leased -= 1;
-        self.free.push(idx);
     }
 
     /// Queues `req` into a free buffer; [`submit`](Self::submit) or
@@ -407,8 +403,7 @@ impl ReadRing {
                 ),
             });
         }
-        self.take_back();
-        let free = if self.busy() < self.depth {
+        let free = if self.has_free_buffer() {
             self.free.pop()
         } else {
             None
