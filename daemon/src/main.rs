@@ -110,6 +110,16 @@ enum Command {
         /// outside it.
         #[arg(long)]
         root: PathBuf,
+        /// After this session, stay for the next ones as the kept agent NAME
+        /// (the source passes it when it keeps its SSH connection)
+        #[arg(long, value_name = "NAME", hide = true)]
+        keep: Option<String>,
+        /// Be the kept agent NAME: serve sessions on its socket until idle
+        #[arg(long, value_name = "NAME", hide = true, conflicts_with = "keep")]
+        listen: Option<String>,
+        /// How long a kept agent waits for the next session
+        #[arg(long, value_name = "SECONDS", hide = true, default_value_t = 60)]
+        idle: u64,
     },
 }
 
@@ -333,9 +343,10 @@ struct SshArgs {
     #[arg(long, value_name = "FILE")]
     password_file: Option<PathBuf>,
     /// Keep the SSH connection open this long after the job (in the
-    /// background, in a root-only socket under the state directory), so
-    /// the next job to the same target skips the key exchange and login;
-    /// 0 closes it when the job ends. A job with another key, known_hosts
+    /// background, in a root-only socket under the state directory), and
+    /// ferry's agent on the target with it, so the next job to the same
+    /// target skips the key exchange, the login and starting the agent; 0
+    /// closes both when the job ends. A job with another key, known_hosts
     /// or user makes its own connection.
     #[arg(
         long,
@@ -606,19 +617,44 @@ fn one_line(err: &anyhow::Error) -> String {
     line
 }
 
+fn agent_command(
+    root: &Path,
+    keep: Option<String>,
+    listen: Option<String>,
+    idle: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    if let Some(name) = listen {
+        let dir = agent::kept::dir().map_err(anyhow::Error::msg)?;
+        agent::kept::listen(root, &dir, &name, idle)
+            .with_context(|| format!("kept agent {name}"))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Over SSH, stdin is sshd's pipe: at 1 MiB rather than 64 KiB, sshd
+    // runs ahead of the agent's writes instead of waiting on it every few
+    // frames (best effort; any other stdin is left be).
+    ferry::sys::fd::grow_pipe(std::io::stdin().as_fd(), 1 << 20);
+    let stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    if let Some(name) = keep {
+        // The source reads this line before any frame.
+        match agent::kept::start(root, &name, idle) {
+            Ok(socket) => writeln!(stdout, "{}{}", agent::kept::KEPT, socket.display())?,
+            Err(why) => writeln!(stdout, "{}{why}", agent::kept::NOT_KEPT)?,
+        }
+    }
+    agent::serve(root, stdin, stdout)?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cmd = match cli.command {
         Command::Track(cmd) => cmd,
-        Command::Agent { root } => {
-            // Over SSH, stdin is sshd's pipe: at 1 MiB rather than 64 KiB,
-            // sshd runs ahead of the agent's writes instead of waiting on
-            // it every few frames (best effort; any other stdin is left be).
-            ferry::sys::fd::grow_pipe(std::io::stdin().as_fd(), 1 << 20);
-            let stdin = std::io::stdin().lock();
-            let stdout = std::io::stdout().lock();
-            agent::serve(&root, stdin, stdout)?;
-            return Ok(ExitCode::SUCCESS);
-        }
+        Command::Agent {
+            root,
+            keep,
+            listen,
+            idle,
+        } => return agent_command(&root, keep, listen, std::time::Duration::from_secs(idle)),
         Command::Sync(args) => return sync_command(&cli.state_dir, &cli.bpf_dir, &args),
         Command::Verify(args) => return verify_command(&cli.state_dir, &args),
         Command::BootPoints(cmd) => return boot_points_command(&cli.state_dir, &cmd),

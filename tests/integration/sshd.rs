@@ -4,6 +4,7 @@
 
 use std::{
     net::{TcpListener, TcpStream},
+    os::unix::fs::PermissionsExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -43,6 +44,11 @@ impl Sshd {
             format!("{options} {key}")
         };
         std::fs::write(dir.join("authorized_keys"), line).unwrap();
+        // The sessions' runtime directory, where kept agents listen: ours,
+        // so they go (their sockets gone) when this sshd is dropped.
+        let run = dir.join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
         for attempt in 0.. {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -53,7 +59,8 @@ impl Sshd {
                 "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\n\
                  AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\nUsePAM no\n\
                  StrictModes no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n\
-                 KbdInteractiveAuthentication no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n",
+                 KbdInteractiveAuthentication no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n\
+                 SetEnv XDG_RUNTIME_DIR={d}/run\n",
                 d = dir.display()
             );
             std::fs::write(dir.join("sshd_config"), config).unwrap();
@@ -125,6 +132,17 @@ impl Sshd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The sockets of the agents kept in this sshd's sessions.
+    pub fn kept_agents(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("run/ferry")) else {
+            return Vec::new();
+        };
+        entries
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+            .collect()
     }
 
     /// Kills the per-connection sshd processes (cuts every session) but not

@@ -76,6 +76,20 @@ impl Standby {
         self.f.json(&self.args("sync", &[]))
     }
 
+    /// `ferry sync --json` with the transport's debug log: the summary and
+    /// what it said.
+    fn sync_saying(&self) -> (serde_json::Value, String) {
+        let out = self
+            .f
+            .command(&self.args("sync", &["--json"]))
+            .env("FERRY_LOG", "ferry::transport=debug")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{said}");
+        (serde_json::from_slice(&out.stdout).unwrap(), said)
+    }
+
     fn identical(&self) -> bool {
         same_content(&self.dev.backing, &self.image)
     }
@@ -479,6 +493,33 @@ fn a_login_that_prints_first_still_syncs() {
     assert!(s.identical(), "image differs after the incremental");
 }
 
+/// A ferry of this version that cannot stay on the target (another build
+/// of it, without kept agents) still serves the job, as an agent that does
+/// not stay.
+#[test]
+fn an_agent_that_cannot_stay_still_syncs() {
+    if !privileged("an_agent_that_cannot_stay_still_syncs") {
+        return;
+    }
+    // The launcher's line, then an agent that refuses `--keep`.
+    let sshd = Sshd::start_with_key_options(
+        r#"command="case \"$SSH_ORIGINAL_COMMAND\" in *--keep*) echo ferry-launcher: agent starting; echo \"error: unexpected argument '--keep' found\" >&2; exit 2;; *) eval \"$SSH_ORIGINAL_COMMAND\";; esac""#,
+    );
+    let s = Standby::ssh(&sshd, 32 * MIB);
+    scatter(&s.dev, 12);
+    let (seed, said) = s.sync_saying();
+    assert_eq!(seed["mode"], "seed", "{seed}");
+    assert!(said.contains("an agent that does not stay"), "{said}");
+    assert!(said.contains("unexpected argument"), "{said}");
+    assert!(s.identical(), "image differs after the seed");
+    assert!(sshd.kept_agents().is_empty());
+    write_direct(&s.dev.path, 3 * MIB, 4096, 0x21);
+    let (inc, said) = s.sync_saying();
+    assert_eq!(inc["mode"], "incremental", "{inc}");
+    assert!(!said.contains("reached the kept agent"), "{said}");
+    assert!(s.identical(), "image differs after the incremental");
+}
+
 /// A login that refuses commands (a nologin shell) gets one line that
 /// quotes what it said, and nothing is written.
 #[test]
@@ -646,39 +687,116 @@ fn second_source_is_refused() {
 }
 
 #[test]
-fn ssh_connection_is_kept_for_the_next_job() {
-    if !privileged("ssh_connection_is_kept_for_the_next_job") {
+fn ssh_connection_and_agent_are_kept_for_the_next_job() {
+    if !privileged("ssh_connection_and_agent_are_kept_for_the_next_job") {
         return;
     }
+    const REACHED: &str = "reached the kept agent";
     let sshd = Sshd::start();
     let s = Standby::ssh(&sshd, 32 * MIB);
     scatter(&s.dev, 41);
     s.sync();
     let kept = sshd.connections(|n| n == 1);
     assert_eq!(kept.len(), 1, "the seed's connection should stay open");
+    let agents = sshd.kept_agents();
+    assert_eq!(agents.len(), 1, "the seed's agent should stay: {agents:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&agents[0]), 0o600, "only its user may reach the agent");
+
+    // The incremental runs on the kept agent, over the kept connection.
     write_direct(&s.dev.path, 5 * MIB, 4096, 0x5a);
-    let next = s.sync();
+    let (next, said) = s.sync_saying();
     assert_eq!(next["mode"], "incremental", "{next}");
+    assert!(said.contains(REACHED), "{said}");
     assert!(s.identical(), "{next}");
     assert_eq!(
         sshd.connections(|n| n == 1),
         kept,
         "the incremental made a connection of its own"
     );
-    // --ssh-persist 0: a connection of its own, closed when the job ends.
+
+    // The kept agent gone (its socket removed, as at a logout): the next
+    // job launches an agent, which stays in turn for the one after.
+    std::fs::remove_file(&agents[0]).unwrap();
     write_direct(&s.dev.path, 6 * MIB, 4096, 0xa5);
-    let own = s.f.json(&s.args("sync", &["--ssh-persist", "0"]));
-    assert!(s.identical(), "{own}");
-    assert_eq!(sshd.connections(|n| n == 1), kept, "{own}");
-    let state = &s.f.state;
-    let sockets: Vec<_> = std::fs::read_dir(state.join("ssh")).unwrap().collect();
-    assert_eq!(sockets.len(), 1, "one shared connection, one socket");
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(state.join("ssh"))
+    let (again, said) = s.sync_saying();
+    assert!(!said.contains(REACHED), "{said}");
+    assert!(s.identical(), "{again}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sshd.kept_agents().is_empty() {
+        assert!(Instant::now() < deadline, "the new agent does not stay");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    write_direct(&s.dev.path, 7 * MIB, 4096, 0x3c);
+    let (third, said) = s.sync_saying();
+    assert!(said.contains(REACHED), "{said}");
+    assert!(s.identical(), "{third}");
+
+    // --ssh-persist 0: a connection and an agent of its own, both gone
+    // when the job ends.
+    write_direct(&s.dev.path, 8 * MIB, 4096, 0xc3);
+    let out =
+        s.f.command(&s.args("sync", &["--ssh-persist", "0"]))
+            .env("FERRY_LOG", "ferry::transport=debug")
+            .output()
+            .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !said.contains(REACHED), "{said}");
+    assert!(s.identical(), "{said}");
+    assert_eq!(sshd.connections(|n| n == 1), kept, "{said}");
+
+    // The state directory holds the connection's socket and the kept
+    // agent's forward, both root-only, in a root-only directory.
+    let state = s.f.state.join("ssh");
+    let sockets: Vec<_> = std::fs::read_dir(&state)
         .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o700, "the sockets' directory is root-only");
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(sockets.len(), 2, "{sockets:?}");
+    for socket in &sockets {
+        assert_eq!(mode(socket), 0o600, "{}", socket.display());
+    }
+    assert_eq!(mode(&state), 0o700, "the sockets' directory is root-only");
+}
+
+#[test]
+fn killed_kept_agent_then_rerun_is_identical() {
+    if !privileged("killed_kept_agent_then_rerun_is_identical") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let s = Standby::ssh(&sshd, 64 * MIB);
+    write_random(&s.dev.path, 0, 8 * MIB as usize, 17);
+    s.sync();
+    let agents = sshd.kept_agents();
+    assert_eq!(agents.len(), 1, "the seed's agent should stay: {agents:?}");
+    let name = agents[0].file_stem().unwrap().to_str().unwrap();
+    let name = name.strip_prefix("keep-").unwrap().to_owned();
+    write_random(&s.dev.path, 16 * MIB, 32 * MIB as usize, 18);
+    let lines = s.interrupted_sync(|child| {
+        // The agent dies mid-transfer: the job fails on its own.
+        run(
+            "pkill",
+            &["-KILL", "-f", &format!("agent --root .* --listen {name}")],
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "sync hung after its agent died");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            !child.wait().unwrap().success(),
+            "a dead agent must fail the sync"
+        );
+    });
+    let said: Vec<String> = lines.iter().collect();
+    assert!(
+        said.iter()
+            .any(|l| l.contains("lost") || l.contains("closed")),
+        "{said:?}"
+    );
+    s.rerun_completes();
 }
 
 #[test]

@@ -21,9 +21,10 @@
 //! holes.
 //!
 //! ferry keeps its SSH connection open for the next job (`--ssh-persist`),
-//! so the incremental runs over the seed's connection; the same churn is
-//! then synced once more over a new connection, to show what logging in
-//! costs. The limit and the plain `dd` job also run over one kept
+//! and its agent on the target with it, so the incremental runs over the
+//! seed's connection, on the seed's agent; the same churn is then synced
+//! once more over a new connection, to show what logging in and starting
+//! an agent cost. The limit and the plain `dd` job also run over one kept
 //! connection: a login is no part of what the link carries.
 //!
 //! Everything is timed by wall clock, connecting included. Goals are printed,
@@ -108,7 +109,8 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         PathBuf::from(format!("/sys/fs/bpf/ferry-bench-sync-{pid}")),
     )?;
     let sshd = Sshd::start(&work.join("sshd"), &ferry)?;
-    let meter = Meter::new(sshd.pid(), rig.state_dir());
+    let target_dir = work.join("target");
+    let meter = Meter::new(sshd.pid(), rig.state_dir()).with_kept_agents(&target_dir);
 
     util::step(&format!(
         "making the source: a {} MiB RAM-backed loop device with ext4, {FILL_PERCENT}% full",
@@ -124,7 +126,6 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         args.chunk_size
     ));
     rig.track_add(&["--chunk-size", &args.chunk_size])?;
-    let target_dir = work.join("target");
     fs::create_dir(&target_dir)
         .with_context(|| format!("creating {} failed", target_dir.display()))?;
     let image = Standby {

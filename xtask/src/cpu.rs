@@ -10,7 +10,8 @@
 //! - target side: the private sshd and all of its descendants (one sshd
 //!   per connection, and the agent, `cat` or `dd` it runs): live ones by
 //!   their own time, finished ones through their parents' `cutime` and
-//!   `cstime`;
+//!   `cstime`; plus ferry's kept agents for the bench's root, which run
+//!   in sessions of their own, found by their command lines;
 //! - machine: every CPU's busy time, which also holds kernel threads (the
 //!   loop device's reads) and whatever else the machine runs.
 
@@ -46,13 +47,16 @@ pub struct Meter {
     /// baseline's (which shows its control socket's path, `ssh: PATH
     /// [mux]`).
     controls: Vec<String>,
+    /// In the command line of a kept agent serving the bench's root.
+    agents: Option<String>,
 }
 
-/// One reading: the totals so far, and the kept connections' own times
-/// (by pid: one may end or start between readings).
+/// One reading: the totals so far, and the kept connections' and kept
+/// agents' own times (by pid: one may end or start between readings).
 struct Reading {
     spent: Spent,
     masters: HashMap<u32, f64>,
+    agents: HashMap<u32, f64>,
 }
 
 impl Meter {
@@ -60,7 +64,14 @@ impl Meter {
         Self {
             sshd,
             controls: vec![format!("{}/", state_dir.join("ssh").display())],
+            agents: None,
         }
+    }
+
+    /// Also counts on the target side the kept agents serving `root`.
+    pub fn with_kept_agents(mut self, root: &Path) -> Self {
+        self.agents = Some(format!(" agent --root {} --listen ", root.display()));
+        self
     }
 
     /// Also counts on the source side the kept connections whose control
@@ -78,6 +89,9 @@ impl Meter {
         let mut spent = after.spent - before.spent;
         for (pid, secs) in &after.masters {
             spent.source += secs - before.masters.get(pid).copied().unwrap_or(0.0);
+        }
+        for (pid, secs) in &after.agents {
+            spent.target += secs - before.agents.get(pid).copied().unwrap_or(0.0);
         }
         Ok((out, spent))
     }
@@ -107,6 +121,15 @@ impl Meter {
             })
             .map(|(pid, p)| (*pid, p.own as f64 / tick))
             .collect();
+        let agents = procs
+            .iter()
+            .filter(|(pid, _)| {
+                self.agents
+                    .as_ref()
+                    .is_some_and(|a| cmdline(**pid).contains(a.as_str()))
+            })
+            .map(|(pid, p)| (*pid, p.own as f64 / tick))
+            .collect();
         Ok(Reading {
             spent: Spent {
                 source: waited_children_secs(),
@@ -114,6 +137,7 @@ impl Meter {
                 machine: machine_busy_ticks()? as f64 / tick,
             },
             masters,
+            agents,
         })
     }
 }

@@ -6,7 +6,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, DirBuilderExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -56,6 +56,13 @@ impl Sshd {
         let bin = dir.join("bin");
         fs::create_dir(&bin).with_context(|| format!("creating {} failed", bin.display()))?;
         symlink(ferry, bin.join("ferry")).context("linking ferry into the sshd's PATH failed")?;
+        // The sessions' runtime directory, where ferry's kept agents listen:
+        // inside ours, so they leave once it is removed.
+        let run = dir.join("run");
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&run)
+            .with_context(|| format!("creating {} failed", run.display()))?;
         let host_pub = fs::read_to_string(dir.join("host_key.pub"))
             .context("reading the sshd's public host key failed")?;
         let host_pub: Vec<&str> = host_pub.split_whitespace().take(2).collect();
@@ -80,12 +87,14 @@ impl Sshd {
                      PasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\n\
                      Subsystem sftp internal-sftp\n\
-                     SetEnv PATH={bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+                     SetEnv PATH={bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+                     XDG_RUNTIME_DIR={run}\n\
                      LogLevel ERROR\n",
                     host_key = host_key.display(),
                     authorized_keys = authorized_keys.display(),
                     pid_file = dir.join("sshd.pid").display(),
                     bin = bin.display(),
+                    run = run.display(),
                 ),
             )
             .context("writing sshd_config failed")?;

@@ -20,6 +20,7 @@
 
 mod bootpoints;
 mod image;
+pub mod kept;
 mod record;
 pub mod task;
 

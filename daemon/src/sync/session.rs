@@ -76,7 +76,7 @@ impl Session {
             replies,
             early: std::collections::VecDeque::new(),
             reader,
-            worker: Some(worker),
+            worker,
             peer,
             wire,
             bytes_sent: 0,
@@ -231,9 +231,19 @@ impl Session {
         }
     }
 
+    /// Tells the agent the session is over: what is gathered goes out, then
+    /// our side of the link is shut (not just closed, as the reply reader
+    /// may hold the same socket).
+    fn hang_up(&mut self) {
+        if let Some(mut tx) = self.tx.take() {
+            let _ = tx.flush();
+            let _ = tx.get_ref().shutdown(std::net::Shutdown::Write);
+        }
+    }
+
     /// The session broke: say why, preferring what the worker saw.
     fn lost(&mut self, e: io::Error) -> SyncError {
-        self.tx = None;
+        self.hang_up();
         if let Some(worker) = self.worker.take() {
             match worker.join() {
                 Ok(Err(t)) => return SyncError::Transport(t),
@@ -257,7 +267,7 @@ impl Session {
 
     /// Ends the session cleanly: the agent sees EOF and exits.
     pub fn close(mut self) -> Result<(), SyncError> {
-        self.tx = None;
+        self.hang_up();
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
@@ -272,7 +282,7 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         // Closing our side ends the agent's session; the threads then end.
-        self.tx = None;
+        self.hang_up();
         if let Some(worker) = self.worker.take() {
             let _ = worker.join();
         }

@@ -24,8 +24,8 @@ pub fn start(root: &Path) -> Result<Link, TransportError> {
         })?;
     Ok(Link {
         tx: to_agent_tx,
-        rx: from_agent_rx,
-        worker,
+        rx: Box::new(from_agent_rx),
+        worker: Some(worker),
         peer: "local agent".into(),
     })
 }

@@ -14,13 +14,14 @@
 //! directions at once, so an agent's error reply is seen while data is
 //! still being sent.
 
+mod kept;
 mod local;
 pub mod push;
 pub mod ssh;
 pub mod url;
 
 use std::{
-    io::{PipeReader, PipeWriter},
+    io::{PipeReader, PipeWriter, Read},
     os::{fd::AsFd, unix::net::UnixStream},
     thread::JoinHandle,
 };
@@ -117,8 +118,10 @@ pub struct Link {
     /// the session is over.
     pub tx: UnixStream,
     /// Frames from the agent; EOF when the session is over.
-    pub rx: PipeReader,
-    pub worker: JoinHandle<Result<LinkEnd, TransportError>>,
+    pub rx: Box<dyn Read + Send>,
+    /// What carries the session (the local agent's thread, `ssh`'s
+    /// watcher); none for a kept agent, reached through a socket.
+    pub worker: Option<JoinHandle<Result<LinkEnd, TransportError>>>,
     /// Where the agent runs, for messages.
     pub peer: String,
 }
@@ -164,7 +167,7 @@ fn to_agent() -> Result<(UnixStream, UnixStream), TransportError> {
 
 /// Send buffer asked for frames to the agent (the kernel doubles it for its
 /// bookkeeping). Pipes to and from the agent get 1 MiB.
-const TO_AGENT_BUFFER: usize = 1 << 20;
+pub(super) const TO_AGENT_BUFFER: usize = 1 << 20;
 
 fn pipe() -> Result<(PipeReader, PipeWriter), TransportError> {
     let (r, w) = std::io::pipe().map_err(|source| TransportError::Io {

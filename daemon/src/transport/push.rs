@@ -17,7 +17,7 @@
 //! than [`PRUNE_AFTER_DAYS`]. A source of another version that still syncs
 //! to the host keeps its copy fresh by using it.
 
-use std::{path::Path, sync::OnceLock};
+use std::{path::Path, sync::OnceLock, time::Duration};
 
 use sha2::{Digest, Sha256};
 
@@ -72,14 +72,37 @@ fn cache_dir(hash: &str) -> String {
 
 /// The command that starts the agent for `root`. With `promote`, a
 /// `ferry.part` that was just checked becomes the cached copy first.
-pub fn launcher(root: &Path, promote: bool) -> Result<String, TransportError> {
-    let (_, hash) = own_binary().map_err(|reason| TransportError::Push {
-        host: "this host".into(),
-        reason,
-    })?;
-    Ok(launcher_script(hash, root, promote))
+/// With `keep`, the agent is asked to stay as that kept agent (its name and
+/// idle time) after the session.
+pub fn launcher(
+    root: &Path,
+    promote: bool,
+    keep: Option<(&str, Duration)>,
+) -> Result<String, TransportError> {
+    let hash = binary_hash()?;
+    let mut script = launcher_script(hash, root, promote);
+    if let Some((name, idle)) = keep {
+        script.push_str(&format!(
+            " --keep {} --idle {}",
+            shell_quote(name),
+            idle.as_secs().max(1)
+        ));
+    }
+    Ok(format!("exec /bin/sh -c {}", shell_quote(&script)))
 }
 
+/// The SHA-256 (hex) of this binary.
+pub fn binary_hash() -> Result<&'static str, TransportError> {
+    own_binary()
+        .map(|(_, hash)| hash.as_str())
+        .map_err(|reason| TransportError::Push {
+            host: "this host".into(),
+            reason,
+        })
+}
+
+/// The launcher's script, its last command the agent's (more arguments may
+/// follow).
 fn launcher_script(hash: &str, root: &Path, promote: bool) -> String {
     let dir = cache_dir(hash);
     let promote = if promote {
@@ -87,7 +110,9 @@ fn launcher_script(hash: &str, root: &Path, promote: bool) -> String {
     } else {
         ""
     };
-    let script = format!(
+    // Whatever the login shell is (bash, zsh, fish, csh), `exec /bin/sh -c`
+    // (see `launcher`) is one simple command it runs the same way.
+    format!(
         "d={dir}; {promote}\
          if [ -x \"$d/ferry\" ]; then f=\"$d/ferry\"; true 2>/dev/null > \"$d/used\"; \
          elif [ \"$(ferry --version 2>/dev/null)\" = {version} ]; then f=ferry; \
@@ -97,10 +122,7 @@ fn launcher_script(hash: &str, root: &Path, promote: bool) -> String {
         missing = shell_quote(MISSING),
         running = shell_quote(RUNNING),
         root = shell_quote(&root.to_string_lossy()),
-    );
-    // Whatever the login shell is (bash, zsh, fish, csh), `exec /bin/sh -c`
-    // is one simple command it runs the same way.
-    format!("exec /bin/sh -c {}", shell_quote(&script))
+    )
 }
 
 /// Shell that removes the pushed copies other than `$d` that were not used

@@ -29,7 +29,7 @@ use std::{
     time::Duration,
 };
 
-use super::{pipe, push, to_agent, Link, LinkEnd, TransportError};
+use super::{kept, pipe, push, to_agent, Link, LinkEnd, TransportError};
 
 /// Environment variable a password may come from.
 pub const PASSWORD_ENV: &str = "FERRY_SSH_PASSWORD";
@@ -227,6 +227,10 @@ impl Destination {
                 "ControlMaster=auto".to_owned(),
                 format!("ControlPath={}", path.display()),
                 format!("ControlPersist={}", persist.as_secs().max(1)),
+                // For the kept agent's socket (see `kept`), which a new
+                // connection binds where an old one left its file.
+                "StreamLocalBindUnlink=yes".to_owned(),
+                "StreamLocalBindMask=0177".to_owned(),
             ]),
             None => options.extend(["ControlMaster=no".to_owned(), "ControlPath=none".to_owned()]),
         }
@@ -266,7 +270,7 @@ impl Destination {
     /// Where this destination's shared connection listens, made ready (a
     /// root-only directory); `None` when sharing is off or cannot be had,
     /// and the job then makes its own connection.
-    fn control_path(&self) -> Option<(PathBuf, Duration)> {
+    pub(super) fn control_path(&self) -> Option<(PathBuf, Duration)> {
         let reuse = self.opts.reuse.as_ref().filter(|r| !r.persist.is_zero())?;
         let path = reuse.dir.join(self.connection_key());
         if path.as_os_str().len() > MAX_CONTROL_PATH {
@@ -336,6 +340,31 @@ impl Destination {
         }
         let digest = h.finalize();
         digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Has the kept connection forward the local socket `local` to the
+    /// target's socket `remote` (nothing new if it already does).
+    pub(super) fn forward(&self, local: &Path, remote: &Path) -> Result<(), String> {
+        let (control, _) = self.control_path().ok_or("the connection is not kept")?;
+        let spec = format!("{}:{}", local.display(), remote.display());
+        // `-F none`: only the kept connection is talked to, and no forward
+        // from an ssh_config joins ours.
+        let out = Command::new(SSH)
+            .args(["-F", "none", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"])
+            .arg("-o")
+            .arg(format!("ControlPath={}", control.display()))
+            .args(["-O", "forward", "-L", &spec, "--", &self.host])
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run ssh: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(last_line(&String::from_utf8_lossy(&out.stderr))
+                .unwrap_or("ssh -O forward failed")
+                .to_owned())
+        }
     }
 
     /// Checks what can be checked before `ssh` runs, so these get ferry's
@@ -450,15 +479,30 @@ fn last_line(text: &str) -> Option<&str> {
 
 /// Runs the agent on the target. Pushes this binary first if the target
 /// has no ferry of this build or version.
+/// Over a kept connection, the agent kept by an earlier job is used when it
+/// is there, and a launched one is asked to stay (see [`kept`]).
 pub fn start_agent(dest: &Destination, root: &Path) -> Result<Link, TransportError> {
     dest.preflight()?;
-    match try_start(dest, root, false)? {
+    let keep = kept::plan(dest, root);
+    if let Some(link) = keep.as_ref().and_then(|k| kept::connect(dest, k)) {
+        return Ok(link);
+    }
+    let start = |promote| match try_start(dest, root, promote, keep.as_ref())? {
+        // A ferry of this version that cannot stay (another build of it on
+        // the target's PATH): an agent that does not.
+        Started::CannotKeep(why) => {
+            tracing::debug!("launching an agent that does not stay: {why}");
+            try_start(dest, root, promote, None)
+        }
+        started => Ok(started),
+    };
+    match start(false)? {
         Started::Running(link) => Ok(link),
-        Started::Missing => {
+        Started::Missing | Started::CannotKeep(_) => {
             push::upload(dest)?;
-            match try_start(dest, root, true)? {
+            match start(true)? {
                 Started::Running(link) => Ok(link),
-                Started::Missing => Err(TransportError::Push {
+                Started::Missing | Started::CannotKeep(_) => Err(TransportError::Push {
                     host: dest.display(),
                     reason: "the pushed copy is not there after its upload".into(),
                 }),
@@ -470,13 +514,21 @@ pub fn start_agent(dest: &Destination, root: &Path) -> Result<Link, TransportErr
 enum Started {
     Running(Link),
     Missing,
+    /// The agent was asked to stay and did not say whether it does.
+    CannotKeep(String),
 }
 
-fn try_start(dest: &Destination, root: &Path, promote: bool) -> Result<Started, TransportError> {
+fn try_start(
+    dest: &Destination,
+    root: &Path,
+    promote: bool,
+    keep: Option<&kept::Keep>,
+) -> Result<Started, TransportError> {
     let (to_agent_rx, to_agent_tx) = to_agent()?;
     let (mut from_agent_rx, from_agent_tx) = pipe()?;
     let (err_rx, err_tx) = pipe()?;
-    let mut cmd = dest.command(&push::launcher(root, promote)?);
+    let launcher = push::launcher(root, promote, keep.map(|k| (k.name.as_str(), k.idle)))?;
+    let mut cmd = dest.command(&launcher);
     cmd.stdin(Stdio::from(OwnedFd::from(to_agent_rx)))
         .stdout(Stdio::from(OwnedFd::from(from_agent_tx)))
         .stderr(Stdio::from(OwnedFd::from(err_tx)));
@@ -494,11 +546,22 @@ fn try_start(dest: &Destination, root: &Path, promote: bool) -> Result<Started, 
             op: "start the ssh watcher",
             source,
         })?;
-    match read_banner(&mut from_agent_rx) {
+    let banner = read_banner(&mut from_agent_rx);
+    if let (Ok(Banner::Running), Some(keep)) = (&banner, keep) {
+        if let Err(said) = kept::after_launch(dest, keep, &mut from_agent_rx) {
+            drop(to_agent_tx);
+            let end = worker.join().map_err(|_| TransportError::Panicked)??;
+            return Ok(Started::CannotKeep(format!(
+                "{said}{}",
+                last_line(&end.stderr).map_or(String::new(), |l| format!(": {l}"))
+            )));
+        }
+    }
+    match banner {
         Ok(Banner::Running) => Ok(Started::Running(Link {
             tx: to_agent_tx,
-            rx: from_agent_rx,
-            worker,
+            rx: Box::new(from_agent_rx),
+            worker: Some(worker),
             peer: dest.display(),
         })),
         Ok(Banner::Missing) => {
@@ -525,7 +588,7 @@ fn try_start(dest: &Destination, root: &Path, promote: bool) -> Result<Started, 
 
 /// The launcher's answer.
 #[derive(Debug, PartialEq)]
-enum Banner {
+pub(super) enum Banner {
     Running,
     Missing,
 }
@@ -535,7 +598,7 @@ enum Banner {
 /// [`push::MAX_NOISE`] bytes) is skipped; a line that merely ends with the
 /// launcher's words counts, as output without a newline runs into it. On
 /// failure, says what came instead.
-fn read_banner(rx: &mut impl Read) -> Result<Banner, String> {
+pub(super) fn read_banner(rx: &mut impl Read) -> Result<Banner, String> {
     let mut line = Vec::new();
     let mut last = String::new();
     let mut seen = 0usize;

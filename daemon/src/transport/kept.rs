@@ -1,0 +1,159 @@
+//! The source's side of kept agents (see [`crate::agent::kept`]): when a
+//! destination keeps its SSH connection, the agent a job launches stays on
+//! the target, and the kept connection forwards a root-only socket in the
+//! state directory to the agent's socket. The next job connects to that
+//! socket: no exec channel, no login shell, no new agent; one round trip
+//! for the channel.
+//!
+//! Anything short of the agent's banner on that socket (no socket, the
+//! connection gone, the agent gone, forwarding refused by the server) and
+//! the job launches an agent as before, which stays in turn. A kept agent
+//! serves only the build that launched it and one root: both are in its
+//! name.
+
+use std::{
+    io::{self, Read},
+    os::{fd::AsFd, unix::net::UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use sha2::{Digest, Sha256};
+
+use super::{
+    push,
+    ssh::{read_banner, Banner, Destination},
+    Link, TO_AGENT_BUFFER,
+};
+use crate::agent::kept::{KEPT, NOT_KEPT};
+
+/// A kept agent this job may use, or ask for.
+#[derive(Clone, Debug)]
+pub struct Keep {
+    /// Its name on the target: this build and the root.
+    pub name: String,
+    /// How long it stays without sessions: as long as the connection.
+    pub idle: Duration,
+    /// The forwarded socket in the state directory.
+    pub local: PathBuf,
+}
+
+/// Longest path of a Unix socket (108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The kept agent for `root` on `dest`, if `dest` keeps its connection.
+pub fn plan(dest: &Destination, root: &Path) -> Option<Keep> {
+    let (control, idle) = dest.control_path()?;
+    let hash = push::binary_hash().ok()?;
+    let mut h = Sha256::new();
+    h.update(hash.as_bytes());
+    h.update([0]);
+    h.update(root.as_os_str().as_encoded_bytes());
+    let name: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut local = control.into_os_string();
+    local.push(format!("-{name}"));
+    let local = PathBuf::from(local);
+    // `ssh -L` splits its argument at ':'.
+    let text = local.to_str()?;
+    (!text.contains(':') && text.len() <= MAX_SOCKET_PATH).then_some(Keep { name, idle, local })
+}
+
+/// Reaches the kept agent, or says (in the log) why not.
+pub fn connect(dest: &Destination, keep: &Keep) -> Option<Link> {
+    let stream = match UnixStream::connect(&keep.local) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                // The connection that forwarded it is gone.
+                let _ = std::fs::remove_file(&keep.local);
+            }
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::debug!("no kept agent at {}: {e}", keep.local.display());
+            }
+            return None;
+        }
+    };
+    crate::sys::fd::grow_send_buffer(stream.as_fd(), TO_AGENT_BUFFER);
+    let mut rx = stream.try_clone().ok()?;
+    // The kept connection closes the socket at once when it cannot reach
+    // the agent; a connection that hangs gets the connect timeout.
+    let patience = dest.opts.connect_timeout.unwrap_or(Duration::from_secs(15));
+    rx.set_read_timeout(Some(patience)).ok()?;
+    match read_banner(&mut rx) {
+        Ok(Banner::Running) => {}
+        Ok(Banner::Missing) => return None,
+        Err(said) => {
+            tracing::debug!("the kept agent did not answer: {said}");
+            return None;
+        }
+    }
+    rx.set_read_timeout(None).ok()?;
+    tracing::debug!("reached the kept agent on {}", dest.display());
+    Some(Link {
+        tx: stream,
+        rx: Box::new(rx),
+        worker: None,
+        peer: dest.display(),
+    })
+}
+
+/// After a launch that asked the agent to stay: reads the agent's line
+/// about it and has the kept connection forward `keep.local` to its
+/// socket. Only a stream that is not as it should be is an error.
+pub fn after_launch(dest: &Destination, keep: &Keep, rx: &mut impl Read) -> Result<(), String> {
+    let line = read_line(rx)?;
+    if let Some(remote) = line.strip_prefix(KEPT) {
+        if let Err(e) = dest.forward(&keep.local, Path::new(remote)) {
+            tracing::debug!("the kept agent cannot be reached by later jobs: {e}");
+        }
+        Ok(())
+    } else if let Some(why) = line.strip_prefix(NOT_KEPT) {
+        tracing::debug!("the agent on {} does not stay: {why}", dest.display());
+        Ok(())
+    } else {
+        Err(format!(
+            "the agent said {line:?} instead of whether it stays"
+        ))
+    }
+}
+
+/// Longest line the agent prints about staying.
+const MAX_LINE: usize = 4096;
+
+/// One line, byte by byte so that no frame after it is taken.
+fn read_line(rx: &mut impl Read) -> Result<String, String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() <= MAX_LINE {
+        match rx.read(&mut byte) {
+            Ok(0) => return Err("the agent ended before its first frame".into()),
+            Ok(_) if byte[0] == b'\n' => return Ok(String::from_utf8_lossy(&line).into_owned()),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err("the agent's line about staying is too long".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_line_about_staying_is_read_up_to_the_frames_and_no_further() {
+        let mut stream: &[u8] = b"ferry-agent: kept at /run/user/0/ferry/keep-x.sock\nFRRY";
+        assert_eq!(
+            read_line(&mut stream).unwrap(),
+            "ferry-agent: kept at /run/user/0/ferry/keep-x.sock"
+        );
+        assert_eq!(stream, b"FRRY");
+        let mut cut: &[u8] = b"ferry-agent: kept";
+        assert!(read_line(&mut cut).is_err());
+        let long = vec![b'x'; MAX_LINE + 10];
+        assert!(read_line(&mut long.as_slice()).is_err());
+    }
+}
