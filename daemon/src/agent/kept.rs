@@ -69,15 +69,32 @@ pub fn dir() -> Result<PathBuf, String> {
             .ok_or("neither XDG_RUNTIME_DIR nor HOME is set")?
             .join(".cache/ferry"),
     };
+    private_dir(dir)
+}
+
+/// Makes `dir` (mode 0700) if needed, and checks that it and its parent
+/// are ours alone.
+fn private_dir(dir: PathBuf) -> Result<PathBuf, String> {
     let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", dir.display());
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    // Whoever may rename entries of the parent could swap our directory
+    // for theirs between our check and the bind, and take the sessions.
+    if let Some(parent) = dir.parent().filter(|p| p.exists()) {
+        let meta = fs::metadata(parent).map_err(|e| fail(&e))?;
+        if meta.mode() & 0o022 != 0 || (meta.uid() != me && meta.uid() != 0) {
+            return Err(format!(
+                "{} may be changed by other users",
+                parent.display()
+            ));
+        }
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
         .map_err(|e| fail(&e))?;
     let meta = fs::symlink_metadata(&dir).map_err(|e| fail(&e))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
     if !meta.is_dir() || meta.uid() != me {
         return Err(fail(&"not a directory of this user"));
     }
@@ -335,6 +352,31 @@ mod tests {
         // Its directory cleaned up: it leaves long before its idle time.
         fs::remove_file(&socket).unwrap();
         first.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_directory_must_be_ours_alone_and_so_its_parent() {
+        let tmp = TempDir::new("kept-dir");
+        let open = tmp.path("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = private_dir(open.join("ferry")).unwrap_err();
+        assert!(err.contains("other users"), "{err}");
+        assert!(!open.join("ferry").exists());
+
+        let home = tmp.path("home");
+        fs::create_dir(&home).unwrap();
+        fs::set_permissions(&home, fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = private_dir(home.join(".cache/ferry")).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        // Loosened by hand: tightened again.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(dir.clone()).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        // A file in its place is refused.
+        let file = home.join("file");
+        fs::write(&file, "").unwrap();
+        assert!(private_dir(file).is_err());
     }
 
     #[test]

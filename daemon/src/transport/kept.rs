@@ -106,6 +106,14 @@ pub fn connect(dest: &Destination, keep: &Keep) -> Option<Link> {
 pub fn after_launch(dest: &Destination, keep: &Keep, rx: &mut impl Read) -> Result<(), String> {
     let line = read_line(rx)?;
     if let Some(remote) = line.strip_prefix(KEPT) {
+        // `ssh -L` would read a ':' as a host and port to connect to.
+        if !remote.starts_with('/')
+            || remote.len() > MAX_SOCKET_PATH
+            || remote.contains(|c: char| c == ':' || c.is_whitespace() || c.is_control())
+        {
+            tracing::debug!("not forwarding to the kept agent's odd path {remote:?}");
+            return Ok(());
+        }
         if let Err(e) = dest.forward(&keep.local, Path::new(remote)) {
             tracing::debug!("the kept agent cannot be reached by later jobs: {e}");
         }
