@@ -169,6 +169,24 @@ struct Sessions {
     last_end: Instant,
 }
 
+/// One session counted as running while this lives.
+struct Running(Arc<Mutex<Sessions>>);
+
+impl Running {
+    fn start(sessions: &Arc<Mutex<Sessions>>) -> Self {
+        sessions.lock().unwrap_or_else(|p| p.into_inner()).running += 1;
+        Self(Arc::clone(sessions))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.running -= 1;
+        s.last_end = Instant::now();
+    }
+}
+
 /// Listens as the kept agent `name` in `dir` until it has been idle for
 /// `idle`, or is idle and its socket is gone. Returns at once if another
 /// agent already serves `name`.
@@ -223,23 +241,22 @@ pub fn listen(root: &Path, dir: &Path, name: &str, idle: Duration) -> io::Result
         poll(&[(listener.as_fd(), readable)], TICK)?;
         match listener.accept() {
             Ok((stream, _)) => {
-                sessions.lock().unwrap_or_else(|p| p.into_inner()).running += 1;
+                // Counted until the thread is done with it, even if the
+                // session panics: a count stuck above 0 would keep the
+                // agent forever.
+                let running = Running::start(&sessions);
                 let root = root.to_owned();
-                let count = Arc::clone(&sessions);
                 let spawned =
                     std::thread::Builder::new()
                         .name("ferry-kept".into())
                         .spawn(move || {
+                            let _running = running;
                             if let Err(e) = session(&root, stream) {
                                 tracing::info!("session ended: {}", super::chain_text(&e));
                             }
-                            let mut s = count.lock().unwrap_or_else(|p| p.into_inner());
-                            s.running -= 1;
-                            s.last_end = Instant::now();
                         });
                 if let Err(e) = spawned {
                     tracing::warn!("cannot start a session thread: {e}");
-                    sessions.lock().unwrap_or_else(|p| p.into_inner()).running -= 1;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

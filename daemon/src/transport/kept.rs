@@ -9,11 +9,14 @@
 //! connection gone, the agent gone, forwarding refused by the server) and
 //! the job launches an agent as before, which stays in turn. A kept agent
 //! serves only the build that launched it and one root: both are in its
-//! name.
+//! name (and a session checks the protocol version as ever).
 
 use std::{
     io::{self, Read},
-    os::{fd::AsFd, unix::net::UnixStream},
+    os::{
+        fd::AsFd,
+        unix::{fs::MetadataExt, net::UnixStream},
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -44,10 +47,19 @@ const MAX_SOCKET_PATH: usize = 107;
 /// The kept agent for `root` on `dest`, if `dest` keeps its connection.
 pub fn plan(dest: &Destination, root: &Path) -> Option<Keep> {
     let (control, idle) = dest.control_path()?;
-    let hash = push::binary_hash().ok()?;
+    // This build, known without reading and hashing all of it (a job that
+    // finds its kept agent would spend more on that than on the rest of
+    // connecting): the version, and where the binary is and when it was
+    // last written (a ctime no copy can keep).
+    let exe = std::env::current_exe().ok()?;
+    let meta = std::fs::metadata(&exe).ok()?;
     let mut h = Sha256::new();
-    h.update(hash.as_bytes());
-    h.update([0]);
+    h.update(push::version_line().as_bytes());
+    for n in [meta.dev(), meta.ino(), meta.len()] {
+        h.update(n.to_le_bytes());
+    }
+    h.update(meta.ctime().to_le_bytes());
+    h.update(meta.ctime_nsec().to_le_bytes());
     h.update(root.as_os_str().as_encoded_bytes());
     let name: String = h.finalize()[..8]
         .iter()

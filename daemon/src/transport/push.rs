@@ -92,7 +92,7 @@ pub fn launcher(
 }
 
 /// The SHA-256 (hex) of this binary.
-pub fn binary_hash() -> Result<&'static str, TransportError> {
+fn binary_hash() -> Result<&'static str, TransportError> {
     own_binary()
         .map(|(_, hash)| hash.as_str())
         .map_err(|reason| TransportError::Push {
