@@ -166,6 +166,20 @@ impl Standby {
     }
 }
 
+/// The sync notices that `what` happened mid-transfer and fails on its
+/// own, within 30 s.
+fn fails_on_its_own(child: &mut std::process::Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "sync hung after {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !child.wait().unwrap().success(),
+        "the sync succeeded after {what}"
+    );
+}
+
 /// Some scattered data on a fresh device: a few MiB of random bytes and a
 /// few small writes, the rest zeros.
 fn scatter(dev: &LoopDev, seed: u64) {
@@ -306,19 +320,7 @@ fn cut_ssh_session_then_rerun_is_identical() {
     write_random(&s.dev.path, 16 * MIB, 32 * MIB as usize, 8);
     s.interrupted_sync(|child| {
         assert!(sshd.kill_sessions(), "no sshd session to kill");
-        // The sync notices the cut and fails on its own.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while child.try_wait().unwrap().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "sync hung after its session was cut"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(
-            !child.wait().unwrap().success(),
-            "a cut session must fail the sync"
-        );
+        fails_on_its_own(child, "its session was cut");
     });
     s.rerun_completes();
 }
@@ -775,20 +777,11 @@ fn killed_kept_agent_then_rerun_is_identical() {
     let name = name.strip_prefix("keep-").unwrap().to_owned();
     write_random(&s.dev.path, 16 * MIB, 32 * MIB as usize, 18);
     let lines = s.interrupted_sync(|child| {
-        // The agent dies mid-transfer: the job fails on its own.
         run(
             "pkill",
             &["-KILL", "-f", &format!("agent --root .* --listen {name}")],
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "sync hung after its agent died");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(
-            !child.wait().unwrap().success(),
-            "a dead agent must fail the sync"
-        );
+        fails_on_its_own(child, "its agent died");
     });
     let said: Vec<String> = lines.iter().collect();
     assert!(

@@ -322,17 +322,27 @@ mod tests {
         line
     }
 
-    #[test]
-    fn serves_one_session_per_connection_then_leaves_when_idle() {
-        let tmp = TempDir::new("kept-idle");
+    /// A kept agent for a fresh root in `tmp`, listening: its root, its
+    /// socket and its thread.
+    fn agent(
+        tmp: &TempDir,
+        idle: Duration,
+    ) -> (PathBuf, PathBuf, std::thread::JoinHandle<io::Result<()>>) {
         let (root, dir) = (tmp.path("root"), tmp.0.clone());
         fs::create_dir(&root).unwrap();
         let socket = socket_path(&dir, NAME).unwrap();
-        let agent = {
-            let (root, dir) = (root.clone(), dir.clone());
-            std::thread::spawn(move || listen(&root, &dir, NAME, Duration::from_millis(1500)))
+        let thread = {
+            let root = root.clone();
+            std::thread::spawn(move || listen(&root, &dir, NAME, idle))
         };
         wait_for(&socket, true);
+        (root, socket, thread)
+    }
+
+    #[test]
+    fn serves_one_session_per_connection_then_leaves_when_idle() {
+        let tmp = TempDir::new("kept-idle");
+        let (_, socket, agent) = agent(&tmp, Duration::from_millis(1500));
         let mode = fs::metadata(&socket).unwrap().mode();
         assert_eq!(mode & 0o777, 0o600, "the socket is the user's alone");
         for _ in 0..3 {
@@ -355,16 +365,10 @@ mod tests {
     #[test]
     fn one_agent_per_name_and_none_once_its_socket_is_gone() {
         let tmp = TempDir::new("kept-one");
-        let (root, dir) = (tmp.path("root"), tmp.0.clone());
-        fs::create_dir(&root).unwrap();
-        let socket = socket_path(&dir, NAME).unwrap();
-        let first = {
-            let (root, dir) = (root.clone(), dir.clone());
-            std::thread::spawn(move || listen(&root, &dir, NAME, Duration::from_secs(600)))
-        };
-        wait_for(&socket, true);
-        // A second agent for the name leaves at once; the first still serves.
-        listen(&root, &dir, NAME, Duration::from_secs(600)).unwrap();
+        let (root, socket, first) = agent(&tmp, Duration::from_secs(600));
+        // A second agent for the name gives up (after two ticks); the first
+        // still serves.
+        listen(&root, &tmp.0, NAME, Duration::from_secs(600)).unwrap();
         assert!(banner(&socket).contains("agent starting"));
         // Its directory cleaned up: it leaves long before its idle time.
         fs::remove_file(&socket).unwrap();
