@@ -188,8 +188,8 @@ impl Drop for Running {
 }
 
 /// Listens as the kept agent `name` in `dir` until it has been idle for
-/// `idle`, or is idle and its socket is gone. Returns at once if another
-/// agent already serves `name`.
+/// `idle`, or is idle and its socket is gone. Returns after two ticks if
+/// another agent still serves `name` (one that is leaving lets go sooner).
 pub fn listen(root: &Path, dir: &Path, name: &str, idle: Duration) -> io::Result<()> {
     let socket = socket_path(dir, name).map_err(io::Error::other)?;
     let lock = fs::OpenOptions::new()

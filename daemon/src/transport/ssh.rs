@@ -479,6 +479,7 @@ fn last_line(text: &str) -> Option<&str> {
 
 /// Runs the agent on the target. Pushes this binary first if the target
 /// has no ferry of this build or version.
+///
 /// Over a kept connection, the agent kept by an earlier job is used when it
 /// is there, and a launched one is asked to stay (see [`kept`]).
 pub fn start_agent(dest: &Destination, root: &Path) -> Result<Link, TransportError> {
