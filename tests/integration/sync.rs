@@ -762,6 +762,54 @@ fn ssh_connection_and_agent_are_kept_for_the_next_job() {
     assert_eq!(mode(&state), 0o700, "the sockets' directory is root-only");
 }
 
+/// Two jobs to images under the same root run at once on the one agent
+/// kept for that root, each in its own session.
+#[test]
+fn a_kept_agent_serves_two_jobs_at_once() {
+    if !privileged("a_kept_agent_serves_two_jobs_at_once") {
+        return;
+    }
+    let sshd = Sshd::start();
+    let dir = TempDir::new();
+    let f = Ferry::new();
+    let devs = [LoopDev::new(32 * MIB), LoopDev::new(32 * MIB)];
+    let images = [dir.join("a.img"), dir.join("b.img")];
+    let urls = images.each_ref().map(|i| sshd.url(i));
+    for (i, dev) in devs.iter().enumerate() {
+        write_random(&dev.path, 0, 4 * MIB as usize, 51 + i as u64);
+        sync(&f, dev, &urls[i], &sshd.args());
+    }
+    assert_eq!(sshd.kept_agents().len(), 1, "one agent for the root");
+    for (i, dev) in devs.iter().enumerate() {
+        write_random(&dev.path, 8 * MIB, 16 * MIB as usize, 61 + i as u64);
+    }
+    // 16 MiB at 8 MB/s each: the two sessions overlap for seconds.
+    let jobs: Vec<_> = devs
+        .iter()
+        .zip(&urls)
+        .map(|(dev, url)| {
+            let mut args = vec!["sync", dev.arg(), url.as_str(), "--bwlimit", "8M"];
+            let login = sshd.args();
+            args.extend(login.iter().map(String::as_str));
+            f.command(&args)
+                .env("FERRY_LOG", "ferry::transport=debug")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for job in jobs {
+        let out = job.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("reached the kept agent"), "{said}");
+    }
+    for (dev, image) in devs.iter().zip(&images) {
+        assert!(same_content(&dev.backing, image), "{}", image.display());
+    }
+}
+
 #[test]
 fn killed_kept_agent_then_rerun_is_identical() {
     if !privileged("killed_kept_agent_then_rerun_is_identical") {
