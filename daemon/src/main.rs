@@ -638,7 +638,13 @@ fn agent_command(
     if let Some(name) = keep {
         // The source reads this line before any frame.
         match agent::kept::start(root, &name, idle) {
-            Ok(socket) => writeln!(stdout, "{}{}", agent::kept::KEPT, socket.display())?,
+            Ok(kept) => {
+                let said = match kept.already {
+                    true => agent::kept::STILL_KEPT,
+                    false => agent::kept::KEPT,
+                };
+                writeln!(stdout, "{said}{}", kept.socket.display())?
+            }
             Err(why) => writeln!(stdout, "{}{why}", agent::kept::NOT_KEPT)?,
         }
     }

@@ -762,6 +762,39 @@ fn ssh_connection_and_agent_are_kept_for_the_next_job() {
     assert_eq!(mode(&state), 0o700, "the sockets' directory is root-only");
 }
 
+/// A server that refuses forwarding (`restrict` on the key) cannot reach
+/// the kept agent: the job that finds so launches an agent, and the jobs
+/// after it launch agents that do not stay, without trying first.
+#[test]
+fn a_server_that_refuses_forwarding_gets_agents_that_do_not_stay() {
+    if !privileged("a_server_that_refuses_forwarding_gets_agents_that_do_not_stay") {
+        return;
+    }
+    let sshd = Sshd::start_with_key_options("restrict");
+    let s = Standby::ssh(&sshd, 32 * MIB);
+    scatter(&s.dev, 13);
+    let (seed, _) = s.sync_saying();
+    assert_eq!(seed["mode"], "seed", "{seed}");
+    assert_eq!(sshd.kept_agents().len(), 1, "the seed's agent stays");
+    write_direct(&s.dev.path, 3 * MIB, 4096, 0x31);
+    let (inc, said) = s.sync_saying();
+    assert_eq!(inc["mode"], "incremental", "{inc}");
+    assert!(said.contains("did not answer"), "{said}");
+    assert!(
+        said.contains("does not forward to the kept agent"),
+        "{said}"
+    );
+    assert!(s.identical(), "{inc}");
+    write_direct(&s.dev.path, 4 * MIB, 4096, 0x32);
+    let (next, said) = s.sync_saying();
+    assert!(
+        said.contains("refused to forward to a kept agent lately"),
+        "{said}"
+    );
+    assert!(!said.contains("did not answer"), "tried again: {said}");
+    assert!(s.identical(), "{next}");
+}
+
 /// Two jobs to images under the same root run at once on the one agent
 /// kept for that root, each in its own session.
 #[test]

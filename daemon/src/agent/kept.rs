@@ -47,6 +47,9 @@ use crate::sys::{
 /// The line a launched agent prints after the launcher's, before frames,
 /// when it was asked to stay: this prefix, then the socket's path.
 pub const KEPT: &str = "ferry-agent: kept at ";
+/// The same line when an agent already listened there (so a source that
+/// just failed to reach it cannot reach it through its connection).
+pub const STILL_KEPT: &str = "ferry-agent: still kept at ";
 /// The same line when it cannot stay: this prefix, then why.
 pub const NOT_KEPT: &str = "ferry-agent: not kept: ";
 
@@ -124,15 +127,28 @@ pub fn socket_path(dir: &Path, name: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// Where a kept agent listens, and whether it was there already.
+#[derive(Debug)]
+pub struct Started {
+    pub socket: PathBuf,
+    pub already: bool,
+}
+
 /// Starts the agent that stays (a process of its own, in its own session,
-/// with its log for stderr) unless one already serves `name`, and returns
+/// with its log for stderr) unless one already serves `name`, and says
 /// where it listens. Called by a launched agent before its session.
-pub fn start(root: &Path, name: &str, idle: Duration) -> Result<PathBuf, String> {
+pub fn start(root: &Path, name: &str, idle: Duration) -> Result<Started, String> {
     if !root.is_absolute() {
         return Err("the root is not an absolute path".into());
     }
     let dir = dir()?;
     let socket = socket_path(&dir, name)?;
+    if listening(&dir, name) {
+        return Ok(Started {
+            socket,
+            already: true,
+        });
+    }
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -160,7 +176,27 @@ pub fn start(root: &Path, name: &str, idle: Duration) -> Result<PathBuf, String>
         });
     }
     cmd.spawn().map_err(|e| format!("cannot start it: {e}"))?;
-    Ok(socket)
+    Ok(Started {
+        socket,
+        already: false,
+    })
+}
+
+fn lock_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("keep-{name}.lock"))
+}
+
+/// Whether an agent listens as `name`: it holds the lock and its socket is
+/// there (one whose socket is gone holds the lock until it leaves).
+fn listening(dir: &Path, name: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let socket = socket_path(dir, name);
+    if !socket.is_ok_and(|s| fs::symlink_metadata(s).is_ok_and(|m| m.file_type().is_socket())) {
+        return false;
+    }
+    fs::File::open(lock_path(dir, name))
+        .and_then(|lock| try_lock_exclusive(&lock))
+        .is_ok_and(|got| !got)
 }
 
 /// What a listening agent knows about its sessions.
@@ -197,7 +233,7 @@ pub fn listen(root: &Path, dir: &Path, name: &str, idle: Duration) -> io::Result
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(dir.join(format!("keep-{name}.lock")))?;
+        .open(lock_path(dir, name))?;
     // An agent leaving (idle, or its socket gone) lets go within a tick; a
     // live one never does.
     let deadline = Instant::now() + 2 * TICK;
@@ -370,9 +406,13 @@ mod tests {
         // still serves.
         listen(&root, &tmp.0, NAME, Duration::from_secs(600)).unwrap();
         assert!(banner(&socket).contains("agent starting"));
-        // Its directory cleaned up: it leaves long before its idle time.
+        assert!(listening(&tmp.0, NAME));
+        // Its directory cleaned up: it leaves long before its idle time,
+        // and is no longer taken for listening at once.
         fs::remove_file(&socket).unwrap();
+        assert!(!listening(&tmp.0, NAME));
         first.join().unwrap().unwrap();
+        assert!(!listening(&tmp.0, NAME));
     }
 
     #[test]

@@ -7,7 +7,11 @@
 //!
 //! Anything short of the agent's banner on that socket (no socket, the
 //! connection gone, the agent gone, forwarding refused by the server) and
-//! the job launches an agent as before, which stays in turn. A kept agent
+//! the job launches an agent as before, which stays in turn. When that
+//! agent says one was listening all along, the server refuses to forward
+//! to it (`restrict` or `no-port-forwarding` on the key,
+//! `AllowStreamLocalForwarding no`): for [`REFUSED_FOR`] jobs launch
+//! agents that do not stay, without trying first. A kept agent
 //! serves only the build that launched it and one root: both are in its
 //! name (and a session checks the protocol version as ever).
 
@@ -28,7 +32,11 @@ use super::{
     ssh::{read_banner, Banner, Destination},
     Link, TO_AGENT_BUFFER,
 };
-use crate::agent::kept::{KEPT, NOT_KEPT};
+use crate::agent::kept::{KEPT, NOT_KEPT, STILL_KEPT};
+
+/// How long jobs do without a kept agent after the server refused to
+/// forward to one; then they try again.
+pub const REFUSED_FOR: Duration = Duration::from_secs(600);
 
 /// A kept agent this job may use, or ask for.
 #[derive(Clone, Debug)]
@@ -70,11 +78,47 @@ pub fn plan(dest: &Destination, root: &Path) -> Option<Keep> {
     let local = PathBuf::from(local);
     // `ssh -L` splits its argument at ':'.
     let text = local.to_str()?;
-    (!text.contains(':') && text.len() <= MAX_SOCKET_PATH).then_some(Keep { name, idle, local })
+    if text.contains(':') || text.len() > MAX_SOCKET_PATH {
+        return None;
+    }
+    let keep = Keep { name, idle, local };
+    if let Some(age) = std::fs::metadata(keep.refused())
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+    {
+        if age < REFUSED_FOR {
+            tracing::debug!(
+                "{} refused to forward to a kept agent lately",
+                dest.display()
+            );
+            return None;
+        }
+    }
+    Some(keep)
+}
+
+impl Keep {
+    /// Stamp of the last time the server refused to forward to the agent.
+    fn refused(&self) -> PathBuf {
+        let mut path = self.local.clone().into_os_string();
+        path.push(".refused");
+        PathBuf::from(path)
+    }
+}
+
+/// How a try to reach the kept agent went.
+pub enum Reached {
+    Agent(Link),
+    /// No forwarded socket, or no connection behind it.
+    Nothing,
+    /// The connection took the socket's connection and gave no banner: the
+    /// agent is gone, or the server refuses to reach it.
+    NoAnswer,
 }
 
 /// Reaches the kept agent, or says (in the log) why not.
-pub fn connect(dest: &Destination, keep: &Keep) -> Option<Link> {
+pub fn connect(dest: &Destination, keep: &Keep) -> Reached {
     let stream = match UnixStream::connect(&keep.local) {
         Ok(s) => s,
         Err(e) => {
@@ -85,26 +129,36 @@ pub fn connect(dest: &Destination, keep: &Keep) -> Option<Link> {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::debug!("no kept agent at {}: {e}", keep.local.display());
             }
-            return None;
+            return Reached::Nothing;
         }
     };
     crate::sys::fd::grow_send_buffer(stream.as_fd(), TO_AGENT_BUFFER);
-    let mut rx = stream.try_clone().ok()?;
     // The kept connection closes the socket at once when it cannot reach
     // the agent; a connection that hangs gets the connect timeout.
     let patience = dest.opts.connect_timeout.unwrap_or(Duration::from_secs(15));
-    rx.set_read_timeout(Some(patience)).ok()?;
+    let mut rx = match stream
+        .try_clone()
+        .and_then(|rx| rx.set_read_timeout(Some(patience)).map(|()| rx))
+    {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::debug!("the kept agent's socket: {e}");
+            return Reached::Nothing;
+        }
+    };
     match read_banner(&mut rx) {
         Ok(Banner::Running) => {}
-        Ok(Banner::Missing) => return None,
+        Ok(Banner::Missing) => return Reached::NoAnswer,
         Err(said) => {
             tracing::debug!("the kept agent did not answer: {said}");
-            return None;
+            return Reached::NoAnswer;
         }
     }
-    rx.set_read_timeout(None).ok()?;
+    if rx.set_read_timeout(None).is_err() {
+        return Reached::NoAnswer;
+    }
     tracing::debug!("reached the kept agent on {}", dest.display());
-    Some(Link {
+    Reached::Agent(Link {
         tx: stream,
         rx: Box::new(rx),
         worker: None,
@@ -114,10 +168,33 @@ pub fn connect(dest: &Destination, keep: &Keep) -> Option<Link> {
 
 /// After a launch that asked the agent to stay: reads the agent's line
 /// about it and has the kept connection forward `keep.local` to its
-/// socket. Only a stream that is not as it should be is an error.
-pub fn after_launch(dest: &Destination, keep: &Keep, rx: &mut impl Read) -> Result<(), String> {
+/// socket; or, when this job found no answer there while the agent says
+/// it listened all along, stamps the refusal. Only a stream that is not as
+/// it should be is an error.
+pub fn after_launch(
+    dest: &Destination,
+    keep: &Keep,
+    no_answer: bool,
+    rx: &mut impl Read,
+) -> Result<(), String> {
     let line = read_line(rx)?;
-    if let Some(remote) = line.strip_prefix(KEPT) {
+    let remote = match line.strip_prefix(STILL_KEPT) {
+        Some(_) if no_answer => {
+            tracing::debug!(
+                "{} does not forward to the kept agent; launching agents that do not stay \
+                 for {} minutes",
+                dest.display(),
+                REFUSED_FOR.as_secs() / 60
+            );
+            if let Err(e) = std::fs::write(keep.refused(), b"") {
+                tracing::debug!("{}: {e}", keep.refused().display());
+            }
+            return Ok(());
+        }
+        Some(remote) => Some(remote),
+        None => line.strip_prefix(KEPT),
+    };
+    if let Some(remote) = remote {
         // `ssh -L` would read a ':' as a host and port to connect to.
         if !remote.starts_with('/')
             || remote.len() > MAX_SOCKET_PATH

@@ -485,9 +485,15 @@ fn last_line(text: &str) -> Option<&str> {
 pub fn start_agent(dest: &Destination, root: &Path) -> Result<Link, TransportError> {
     dest.preflight()?;
     let keep = kept::plan(dest, root);
-    if let Some(link) = keep.as_ref().and_then(|k| kept::connect(dest, k)) {
-        return Ok(link);
+    let mut no_answer = false;
+    if let Some(k) = &keep {
+        match kept::connect(dest, k) {
+            kept::Reached::Agent(link) => return Ok(link),
+            kept::Reached::NoAnswer => no_answer = true,
+            kept::Reached::Nothing => {}
+        }
     }
+    let keep = keep.map(|k| (k, no_answer));
     let start = |promote| match try_start(dest, root, promote, keep.as_ref())? {
         // A ferry of this version that cannot stay (another build of it on
         // the target's PATH): an agent that does not.
@@ -523,12 +529,12 @@ fn try_start(
     dest: &Destination,
     root: &Path,
     promote: bool,
-    keep: Option<&kept::Keep>,
+    keep: Option<&(kept::Keep, bool)>,
 ) -> Result<Started, TransportError> {
     let (to_agent_rx, to_agent_tx) = to_agent()?;
     let (mut from_agent_rx, from_agent_tx) = pipe()?;
     let (err_rx, err_tx) = pipe()?;
-    let launcher = push::launcher(root, promote, keep.map(|k| (k.name.as_str(), k.idle)))?;
+    let launcher = push::launcher(root, promote, keep.map(|(k, _)| (k.name.as_str(), k.idle)))?;
     let mut cmd = dest.command(&launcher);
     cmd.stdin(Stdio::from(OwnedFd::from(to_agent_rx)))
         .stdout(Stdio::from(OwnedFd::from(from_agent_tx)))
@@ -548,8 +554,8 @@ fn try_start(
             source,
         })?;
     let banner = read_banner(&mut from_agent_rx);
-    if let (Ok(Banner::Running), Some(keep)) = (&banner, keep) {
-        if let Err(said) = kept::after_launch(dest, keep, &mut from_agent_rx) {
+    if let (Ok(Banner::Running), Some((keep, no_answer))) = (&banner, keep) {
+        if let Err(said) = kept::after_launch(dest, keep, *no_answer, &mut from_agent_rx) {
             drop(to_agent_tx);
             let end = worker.join().map_err(|_| TransportError::Panicked)??;
             return Ok(Started::CannotKeep(format!(
