@@ -639,9 +639,10 @@ fn agent_command(
         // The source reads this line before any frame.
         match agent::kept::start(root, &name, idle) {
             Ok(kept) => {
-                let said = match kept.already {
-                    true => agent::kept::STILL_KEPT,
-                    false => agent::kept::KEPT,
+                let said = if kept.already {
+                    agent::kept::STILL_KEPT
+                } else {
+                    agent::kept::KEPT
                 };
                 writeln!(stdout, "{said}{}", kept.socket.display())?
             }

@@ -87,12 +87,8 @@ impl Meter {
         let out = f()?;
         let after = self.read()?;
         let mut spent = after.spent - before.spent;
-        for (pid, secs) in &after.masters {
-            spent.source += secs - before.masters.get(pid).copied().unwrap_or(0.0);
-        }
-        for (pid, secs) in &after.agents {
-            spent.target += secs - before.agents.get(pid).copied().unwrap_or(0.0);
-        }
+        spent.source += grown(&before.masters, &after.masters);
+        spent.target += grown(&before.agents, &after.agents);
         Ok((out, spent))
     }
 
@@ -111,25 +107,22 @@ impl Meter {
             }
             todo.extend(children.get(&pid).into_iter().flatten());
         }
-        let masters = procs
-            .iter()
-            .filter(|(pid, p)| {
-                p.comm == "ssh" && {
-                    let line = cmdline(**pid);
-                    self.controls.iter().any(|c| line.contains(c.as_str()))
-                }
-            })
-            .map(|(pid, p)| (*pid, p.own as f64 / tick))
-            .collect();
-        let agents = procs
-            .iter()
-            .filter(|(pid, _)| {
-                self.agents
-                    .as_ref()
-                    .is_some_and(|a| cmdline(**pid).contains(a.as_str()))
-            })
-            .map(|(pid, p)| (*pid, p.own as f64 / tick))
-            .collect();
+        // Own times of the processes named `comm` whose command lines hold
+        // one of `marks`.
+        let own_times = |comm: &str, marks: &[String]| -> HashMap<u32, f64> {
+            procs
+                .iter()
+                .filter(|(pid, p)| {
+                    p.comm == comm && {
+                        let line = cmdline(**pid);
+                        marks.iter().any(|m| line.contains(m.as_str()))
+                    }
+                })
+                .map(|(pid, p)| (*pid, p.own as f64 / tick))
+                .collect()
+        };
+        let masters = own_times("ssh", &self.controls);
+        let agents = own_times("ferry", self.agents.as_slice());
         Ok(Reading {
             spent: Spent {
                 source: waited_children_secs(),
@@ -140,6 +133,15 @@ impl Meter {
             agents,
         })
     }
+}
+
+/// Seconds the processes in `after` spent since `before` (one that started
+/// in between counts from zero).
+fn grown(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, secs)| secs - before.get(pid).copied().unwrap_or(0.0))
+        .sum()
 }
 
 /// What /proc/PID/stat says of a process, in clock ticks.

@@ -153,7 +153,7 @@ pub fn start(root: &Path, name: &str, idle: Duration) -> Result<Started, String>
         .create(true)
         .append(true)
         .mode(0o600)
-        .open(dir.join(format!("keep-{name}.log")))
+        .open(log_path(&dir, name))
         .map_err(|e| format!("its log: {e}"))?;
     let me = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
     let mut cmd = Command::new(me);
@@ -184,6 +184,10 @@ pub fn start(root: &Path, name: &str, idle: Duration) -> Result<Started, String>
 
 fn lock_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("keep-{name}.lock"))
+}
+
+fn log_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("keep-{name}.log"))
 }
 
 /// Whether an agent listens as `name`: it holds the lock and its socket is
@@ -246,10 +250,7 @@ pub fn listen(root: &Path, dir: &Path, name: &str, idle: Duration) -> io::Result
     }
     // Ours now: whatever is there is an earlier agent's leftover, and the
     // log (our stderr, appended to) starts anew.
-    if let Ok(log) = fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join(format!("keep-{name}.log")))
-    {
+    if let Ok(log) = fs::OpenOptions::new().write(true).open(log_path(dir, name)) {
         let _ = log.set_len(0);
     }
     match fs::remove_file(&socket) {
@@ -269,11 +270,11 @@ pub fn listen(root: &Path, dir: &Path, name: &str, idle: Duration) -> io::Result
         running: 0,
         last_end: Instant::now(),
     }));
+    let readable = Interest {
+        read: true,
+        write: false,
+    };
     loop {
-        let readable = Interest {
-            read: true,
-            write: false,
-        };
         poll(&[(listener.as_fd(), readable)], TICK)?;
         match listener.accept() {
             Ok((stream, _)) => {

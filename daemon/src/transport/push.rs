@@ -79,7 +79,10 @@ pub fn launcher(
     promote: bool,
     keep: Option<(&str, Duration)>,
 ) -> Result<String, TransportError> {
-    let hash = binary_hash()?;
+    let (_, hash) = own_binary().map_err(|reason| TransportError::Push {
+        host: "this host".into(),
+        reason,
+    })?;
     let mut script = launcher_script(hash, root, promote);
     if let Some((name, idle)) = keep {
         script.push_str(&format!(
@@ -89,16 +92,6 @@ pub fn launcher(
         ));
     }
     Ok(format!("exec /bin/sh -c {}", shell_quote(&script)))
-}
-
-/// The SHA-256 (hex) of this binary.
-fn binary_hash() -> Result<&'static str, TransportError> {
-    own_binary()
-        .map(|(_, hash)| hash.as_str())
-        .map_err(|reason| TransportError::Push {
-            host: "this host".into(),
-            reason,
-        })
 }
 
 /// The launcher's script, its last command the agent's (more arguments may
