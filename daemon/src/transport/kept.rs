@@ -32,7 +32,10 @@ use super::{
     ssh::{read_banner, Banner, Destination},
     Link, TO_AGENT_BUFFER,
 };
-use crate::agent::kept::{KEPT, NOT_KEPT, STILL_KEPT};
+use crate::{
+    agent::kept::{KEPT, NOT_KEPT, STILL_KEPT},
+    sys::fd::{poll, Interest},
+};
 
 /// How long jobs do without a kept agent after the server refused to
 /// forward to one; then they try again.
@@ -160,10 +163,31 @@ pub fn connect(dest: &Destination, keep: &Keep) -> Reached {
     tracing::debug!("reached the kept agent on {}", dest.display());
     Reached::Agent(Link {
         tx: stream,
-        rx: Box::new(rx),
+        rx: Box::new(Replies(rx)),
         worker: None,
         peer: dest.display(),
     })
+}
+
+/// The kept agent's replies, read from the socket that also carries the
+/// frames to it. A thread blocked in `read` on a socket wakes whenever the
+/// socket's send buffer drains: the kernel wakes every waiter, and a bulk
+/// job drains it thousands of times a second, each time waking the reply
+/// reader for nothing (on the core `ssh` needs). One waiting in `poll` for
+/// input wakes only for input.
+struct Replies(UnixStream);
+
+impl Read for Replies {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let readable = Interest {
+            read: true,
+            write: false,
+        };
+        // However the wait ends, the read that follows is right: it returns
+        // what came, or blocks as it would have.
+        poll(&[(self.0.as_fd(), readable)], Duration::MAX)?;
+        self.0.read(buf)
+    }
 }
 
 /// After a launch that asked the agent to stay: reads the agent's line
