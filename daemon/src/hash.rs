@@ -14,7 +14,7 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+use twox_hash::{XxHash3_128, XxHash3_64};
 
 /// Alignment of buffers handed to `O_DIRECT` reads: a page, which covers
 /// every logical block size in use (512 and 4096).
@@ -22,7 +22,35 @@ pub const DIRECT_ALIGN: usize = 4096;
 
 /// Hash of a `Data` frame's raw (uncompressed) bytes.
 pub fn data_hash(bytes: &[u8]) -> u64 {
-    xxh3_64(bytes)
+    XxHash3_64::oneshot(bytes)
+}
+
+/// [`data_hash`] of bytes that come in pieces: `update` with each in turn.
+pub fn data_hasher() -> Streamed {
+    Streamed(XxHash3_64::new())
+}
+
+/// xxh3-64 with `seed` of bytes that come in pieces (a frame's checksum).
+pub fn seeded_hasher(seed: u64) -> Streamed {
+    Streamed(XxHash3_64::with_seed(seed))
+}
+
+/// An xxh3-64 being fed.
+pub struct Streamed(XxHash3_64);
+
+impl Streamed {
+    pub fn update(&mut self, bytes: &[u8]) {
+        std::hash::Hasher::write(&mut self.0, bytes);
+    }
+
+    pub fn digest(&self) -> u64 {
+        std::hash::Hasher::finish(&self.0)
+    }
+}
+
+/// xxh3-128 of one block, as both sides of a checksum resync hash them.
+fn block_hash(bytes: &[u8]) -> u128 {
+    XxHash3_128::oneshot(bytes)
 }
 
 /// xxh3-128 of each `block`-sized piece of `[offset, offset + len)` of
@@ -39,7 +67,7 @@ pub fn hash_buffer(buf: &[u8], block: u32, threads: usize) -> Vec<u128> {
         for (outs, ins) in out.chunks_mut(per).zip(pieces.chunks(per)) {
             s.spawn(move || {
                 for (o, i) in outs.iter_mut().zip(ins) {
-                    *o = xxh3_128(i);
+                    *o = block_hash(i);
                 }
             });
         }
@@ -118,7 +146,7 @@ pub fn hash_blocks(
                                 io::Error::new(e.kind(), format!("read at {pos}: {e}"))
                             });
                         }
-                        *slot = xxh3_128(bytes);
+                        *slot = block_hash(bytes);
                     }
                     Ok(())
                 })
@@ -210,8 +238,62 @@ mod tests {
     fn naive(bytes: &[u8], offset: u64, len: u64, block: u32) -> Vec<u128> {
         bytes[offset as usize..(offset + len) as usize]
             .chunks(block as usize)
-            .map(xxh3_128)
+            .map(xxhash_rust::xxh3::xxh3_128)
             .collect()
+    }
+
+    /// Both ends hash, and older builds' state files and frames carry the
+    /// values: they must be the reference xxh3's, whatever vector unit this
+    /// machine picked, at every length (xxh3 has separate paths up to 16,
+    /// 128 and 240 bytes, and for whole and partial stripes and blocks).
+    #[test]
+    fn hashes_are_the_reference_xxh3s() {
+        let bytes = pattern(3 << 16);
+        for len in [
+            0,
+            1,
+            3,
+            4,
+            8,
+            9,
+            16,
+            17,
+            128,
+            129,
+            240,
+            241,
+            1023,
+            1024,
+            1025,
+            4096,
+            65536,
+            65537,
+            3 << 16,
+        ] {
+            let b = &bytes[..len];
+            assert_eq!(data_hash(b), xxhash_rust::xxh3::xxh3_64(b), "length {len}");
+            assert_eq!(
+                block_hash(b),
+                xxhash_rust::xxh3::xxh3_128(b),
+                "length {len}"
+            );
+            for seed in [0, 77, u64::MAX] {
+                let mut h = seeded_hasher(seed);
+                let (head, tail) = b.split_at(len / 3);
+                h.update(head);
+                h.update(tail);
+                assert_eq!(
+                    h.digest(),
+                    xxhash_rust::xxh3::xxh3_64_with_seed(b, seed),
+                    "length {len}, seed {seed}"
+                );
+            }
+            let mut h = data_hasher();
+            for piece in b.chunks(1000) {
+                h.update(piece);
+            }
+            assert_eq!(h.digest(), data_hash(b), "length {len} in pieces");
+        }
     }
 
     #[test]

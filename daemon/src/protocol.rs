@@ -77,8 +77,6 @@
 
 use std::io::{self, Read, Write};
 
-use xxhash_rust::xxh3::Xxh3;
-
 /// `"FRRY"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FRRY");
 /// The protocol version this build speaks.
@@ -587,7 +585,7 @@ fn checked_len(n: usize) -> Option<u32> {
 }
 
 fn payload_checksum(seed: u64, parts: &[&[u8]]) -> u64 {
-    let mut h = Xxh3::with_seed(seed);
+    let mut h = crate::hash::seeded_hasher(seed);
     for p in parts {
         h.update(p);
     }

@@ -63,9 +63,10 @@ impl Set {
     }
 }
 
-/// The file stem of a target of `dev`.
+/// The file stem of a target of `dev`. It names files in the state
+/// directory, so the hash (xxh3-64) must never change.
 pub fn target_id(dev: DevNum, url: &str) -> String {
-    let h = xxhash_rust::xxh3::xxh3_64(url.as_bytes());
+    let h = twox_hash::XxHash3_64::oneshot(url.as_bytes());
     format!("{}-{}-{h:016x}", dev.major, dev.minor)
 }
 
@@ -173,6 +174,14 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_ids_keep_their_names() {
+        let dev = DevNum { major: 7, minor: 3 };
+        let url = "ssh://backup@kvm1/srv/standby/web.img";
+        let h = xxhash_rust::xxh3::xxh3_64(url.as_bytes());
+        assert_eq!(target_id(dev, url), format!("7-3-{h:016x}"));
+    }
 
     fn tempdir() -> PathBuf {
         std::env::temp_dir().join(format!(

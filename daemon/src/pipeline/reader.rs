@@ -299,7 +299,7 @@ impl Reader {
                 let sent = match lease {
                     // One run of data, kept where it was read.
                     Some(lease) => {
-                        let data_hash = xxhash_rust::xxh3::xxh3_64(&lease);
+                        let data_hash = crate::hash::data_hash(&lease);
                         self.send_job(done.offset, Payload::Leased(lease), data_hash, permit)
                     }
                     None => self.split(done.offset, data, &runs, permit),
@@ -405,7 +405,7 @@ const HASH_BLOCK: usize = 64 << 10;
 /// from memory a second time.
 pub(super) fn copy_hashed(run: &[u8]) -> (Vec<u8>, u64) {
     let mut raw = Vec::with_capacity(run.len());
-    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut hasher = crate::hash::data_hasher();
     for block in run.chunks(HASH_BLOCK) {
         let at = raw.len();
         raw.extend_from_slice(block);
