@@ -39,9 +39,16 @@ pub fn warn(what: fmt::Arguments<'_>) {
 }
 
 /// The workspace root (the directory holding the top `Cargo.toml`).
+/// `cargo run` says where xtask's manifest is; the path compiled in is
+/// only a fallback, as a build shared between two checkouts (one target
+/// directory) would otherwise work on the checkout it was built from.
 pub fn workspace_root() -> PathBuf {
-    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
+        .parent()
+        .map_or_else(|| manifest_dir.clone(), Path::to_path_buf)
 }
 
 /// Cargo's target directory, honouring `CARGO_TARGET_DIR`.
