@@ -575,6 +575,8 @@ impl ReadRing {
 
     /// Hands each finished read to `f`, then frees its buffer.
     pub fn reap(&mut self, mut f: impl FnMut(Completed<'_>)) {
+        // Leases that ended since the last push count as spare again.
+        self.take_back();
         self.reap_cq();
         while let Some((idx, outcome)) = self.done.pop_front() {
             let slot = self.slots[usize::from(idx)]
