@@ -20,7 +20,8 @@ use twox_hash::{XxHash3_128, XxHash3_64};
 /// every logical block size in use (512 and 4096).
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// Hash of a `Data` frame's raw (uncompressed) bytes.
+/// Hash of a `Data` frame's raw (uncompressed) bytes: xxh3-64, which also
+/// names a target's state files (so it must never change).
 pub fn data_hash(bytes: &[u8]) -> u64 {
     XxHash3_64::oneshot(bytes)
 }

@@ -66,7 +66,7 @@ impl Set {
 /// The file stem of a target of `dev`. It names files in the state
 /// directory, so the hash (xxh3-64) must never change.
 pub fn target_id(dev: DevNum, url: &str) -> String {
-    let h = twox_hash::XxHash3_64::oneshot(url.as_bytes());
+    let h = crate::hash::data_hash(url.as_bytes());
     format!("{}-{}-{h:016x}", dev.major, dev.minor)
 }
 
