@@ -496,6 +496,19 @@ pub fn write_data<W: Write>(w: &mut W, d: &DataRef) -> io::Result<()> {
 /// Reads one frame. `Ok(None)` is a clean end of stream at a frame boundary;
 /// an end anywhere else is [`ProtocolError::Truncated`].
 pub fn read_message<R: Read>(r: &mut R) -> Result<Option<Message>, ProtocolError> {
+    read_message_into(r, &mut Vec::new(), |_, _| {})
+}
+
+/// [`read_message`] for a reader of bulk data. A `Data` payload is read
+/// into `spare`'s buffer, taken from it: handed back once the payload is
+/// applied, it serves the next frame, and only the part of it that grows
+/// is zeroed first. `ahead` is told the payload's length just before the
+/// payload is read, so a buffering reader can read it past its buffer.
+pub fn read_message_into<R: Read>(
+    r: &mut R,
+    spare: &mut Vec<u8>,
+    ahead: fn(&mut R, usize),
+) -> Result<Option<Message>, ProtocolError> {
     let mut head = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -527,18 +540,8 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Option<Message>, ProtocolError
     }
     let checksum = u64::from_le_bytes(field(16, 8).try_into().unwrap());
     let seed = u64::from_le_bytes(field(4, 8).try_into().unwrap());
-    let read_exact = |r: &mut R, buf: &mut [u8]| {
-        r.read_exact(buf).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                ProtocolError::Truncated
-            } else {
-                ProtocolError::Io { source: e }
-            }
-        })
-    };
-
     if kind == Kind::Data {
-        // Read the fixed fields apart so the bytes land in their own Vec
+        // Read the fixed fields apart so the bytes land in their own buffer
         // without being moved afterwards.
         if (len as usize) < DATA_PREFIX_LEN {
             // Consume the frame so the error is about it, not the next one.
@@ -551,15 +554,13 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Option<Message>, ProtocolError
         }
         let mut prefix = [0u8; DATA_PREFIX_LEN];
         read_exact(r, &mut prefix)?;
-        // Not `vec![0; n]`: zeroing a megabyte only to overwrite it costs
-        // as much as hashing it.
         let want = len as usize - DATA_PREFIX_LEN;
-        let mut bytes = Vec::with_capacity(want);
-        match r.by_ref().take(want as u64).read_to_end(&mut bytes) {
-            Ok(n) if n == want => {}
-            Ok(_) => return Err(ProtocolError::Truncated),
-            Err(source) => return Err(ProtocolError::Io { source }),
-        }
+        // Zeroing a megabyte costs as much as hashing it: a buffer reused
+        // for frames of one size is zeroed once.
+        let mut bytes = std::mem::take(spare);
+        bytes.resize(want, 0);
+        ahead(r, want);
+        read_exact(r, &mut bytes)?;
         let raw = prefix[DATA_CODEC_AT] == Codec::Raw as u8;
         let covered: &[&[u8]] = if raw { &[&prefix] } else { &[&prefix, &bytes] };
         if payload_checksum(seed, covered) != checksum {
@@ -578,6 +579,17 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Option<Message>, ProtocolError
         return Err(ProtocolError::Checksum { kind });
     }
     decode_payload(kind, &payload).map(Some)
+}
+
+/// `read_exact`, an early end being [`ProtocolError::Truncated`].
+fn read_exact<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ProtocolError> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtocolError::Truncated
+        } else {
+            ProtocolError::Io { source: e }
+        }
+    })
 }
 
 fn checked_len(n: usize) -> Option<u32> {

@@ -20,6 +20,7 @@
 
 mod bootpoints;
 mod image;
+mod input;
 pub mod kept;
 mod record;
 pub mod task;
@@ -33,12 +34,13 @@ pub use bootpoints::{BootPointInfo, BootPointList};
 pub use record::{commit_record_name, CommitRecord};
 
 use self::image::Image;
+use self::input::FrameInput;
 use crate::{
     hash,
     image::{Format, ImageError, Standby},
     protocol::{
-        read_message, write_message, Codec, Data, ErrorCode, Hello, Message, ProtocolError,
-        Welcome, FORMATS, MAX_HASHES, MAX_PAYLOAD, VERSION,
+        write_message, Codec, Data, ErrorCode, Hello, Message, ProtocolError, Welcome, FORMATS,
+        MAX_HASHES, MAX_PAYLOAD, VERSION,
     },
 };
 
@@ -169,10 +171,7 @@ pub fn serve<R: Read, W: Write>(
     input: R,
     mut output: W,
 ) -> Result<SessionSummary, AgentError> {
-    // Thousands of small frames arrive back to back: read them in large
-    // gulps, not a syscall (and a wakeup) or two per frame. A payload as
-    // large as the buffer bypasses it.
-    let mut input = io::BufReader::with_capacity(INPUT_BUFFER, input);
+    let mut input = FrameInput::new(input);
     let err = match run(root, &mut input, &mut output) {
         Ok(summary) => return Ok(summary),
         Err(err) => err,
@@ -194,15 +193,12 @@ pub fn serve<R: Read, W: Write>(
     Err(err)
 }
 
-/// Bytes of the source's stream read at a time.
-const INPUT_BUFFER: usize = 256 << 10;
-
 fn run<R: Read, W: Write>(
     root: &Path,
-    input: &mut R,
+    input: &mut FrameInput<R>,
     output: &mut W,
 ) -> Result<SessionSummary, AgentError> {
-    let hello = match read_message(input).map_err(frame_error)? {
+    let hello = match input.read_message(&mut Vec::new()).map_err(frame_error)? {
         Some(Message::Hello(hello)) => hello,
         Some(other) => {
             return Err(AgentError::refused(
@@ -223,7 +219,10 @@ fn run<R: Read, W: Write>(
         "session accepted"
     );
     send(output, &Message::Welcome(welcome))?;
-    while let Some(msg) = read_message(input).map_err(frame_error)? {
+    while let Some(msg) = input
+        .read_message(&mut session.spare)
+        .map_err(frame_error)?
+    {
         if let Some(reply) = session.apply(msg)? {
             send(output, &reply)?;
         }
@@ -271,6 +270,8 @@ struct Session {
     summary: SessionSummary,
     threads: usize,
     scratch: Vec<u8>,
+    /// The last `Data` payload's buffer, for the next one to be read into.
+    spare: Vec<u8>,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
     /// A `verify` session: hash requests only.
     read_only: bool,
@@ -345,6 +346,7 @@ impl Session {
                     summary: SessionSummary::default(),
                     threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
                     scratch: Vec::new(),
+                    spare: Vec::new(),
                     zstd: None,
                     read_only: hello.read_only,
                     manage: hello.manage,
@@ -631,6 +633,12 @@ impl Session {
     }
 
     fn data(&mut self, d: Data) -> Result<(), AgentError> {
+        let applied = self.apply_data(&d);
+        self.spare = d.payload;
+        applied
+    }
+
+    fn apply_data(&mut self, d: &Data) -> Result<(), AgentError> {
         let len = u64::from(d.raw_len);
         self.check_range("Data", d.offset, len)?;
         let raw: &[u8] = match d.codec {

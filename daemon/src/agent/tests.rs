@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::*;
-use crate::protocol::{encode, Codec, Data, Hello, Message, Welcome};
+use crate::protocol::{encode, read_message, Codec, Data, Hello, Message, Welcome};
 
 const A: [u8; 16] = [0xA1; 16];
 const B: [u8; 16] = [0xB2; 16];
