@@ -35,19 +35,19 @@
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::thread;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
 use crate::bench::fio_job;
 use crate::cpu::{Meter, Spent};
+use crate::hosts::Hosts;
 use crate::mount::Mount;
 use crate::rig::Rig;
 use crate::setup;
 use crate::sshd::{Sshd, HOST};
 use crate::standby::{self, mib, SyncReport};
-use crate::sys;
+use crate::sys::{self, Cpus};
 use crate::util::{self, say, shell_quote, Cmd};
 use crate::workload::{self, Rng};
 
@@ -73,6 +73,12 @@ pub struct SyncArgs {
     /// the end
     #[arg(long)]
     keep_going: bool,
+    /// Let both ends run on every CPU, as one box. By default the source
+    /// side (ferry and its ssh, or a baseline's shell, ssh, dd and rsync)
+    /// runs on the first half of the CPUs and the sshd, with all it starts,
+    /// on the rest, as two hosts would: the same for ferry and baselines
+    #[arg(long)]
+    shared_cpus: bool,
 }
 
 const FILL_PERCENT: u64 = 60;
@@ -108,7 +114,34 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         &work,
         PathBuf::from(format!("/sys/fs/bpf/ferry-bench-sync-{pid}")),
     )?;
-    let sshd = Sshd::start(&work.join("sshd"), &ferry)?;
+    let hosts = if args.shared_cpus {
+        None
+    } else {
+        Hosts::split()?
+    };
+    let placement = match &hosts {
+        Some(hosts) => format!(
+            "source side on CPU {}, target side (the sshd and all it starts) on CPU {}",
+            hosts.source, hosts.target
+        ),
+        None => format!(
+            "source and target sides share all {} CPUs",
+            Cpus::allowed()?.list().len()
+        ),
+    };
+    util::step(&format!("placing the two ends: {placement}"));
+    let sshd = Sshd::start(
+        &work.join("sshd"),
+        &ferry,
+        hosts.as_ref().map(|h| &h.target),
+    )?;
+    // Everything this thread starts from here on is the source side.
+    if let Some(hosts) = &hosts {
+        hosts
+            .source
+            .pin_this_thread()
+            .context("pinning the bench to the source side's CPUs failed")?;
+    }
     let target_dir = work.join("target");
     let meter = Meter::new(sshd.pid(), rig.state_dir()).with_kept_agents(&target_dir);
 
@@ -261,6 +294,7 @@ pub fn run(args: &SyncArgs) -> Result<()> {
         churn_blocks: blocks.len(),
         load_before,
         load_after: load_average(),
+        placement,
         seed: Timed::from(&seed),
         ferry_churn: ferry_churns,
         ferry_cold,
@@ -744,6 +778,8 @@ struct Results<'a> {
     churn_blocks: usize,
     load_before: String,
     load_after: String,
+    /// Which CPUs each side ran on.
+    placement: String,
     seed: Timed,
     /// Rounds asked for. `ferry_churn`, `rsync`, `ferry_again`, `pipe` and
     /// `dd` hold a run per round (fewer where one failed); the report shows
@@ -786,10 +822,10 @@ fn report(r: &Results<'_>) {
         r.churn_blocks
     );
     say!(
-        "load average (1/5/15 min) before: {}, after: {} ({} CPUs)",
+        "load average (1/5/15 min) before: {}, after: {}; {}",
         r.load_before,
         r.load_after,
-        thread::available_parallelism().map_or(0, |n| n.get())
+        r.placement
     );
     say!("");
     say!(

@@ -6,6 +6,7 @@ mod bench_sync;
 mod boot_assets;
 mod cpu;
 mod demo;
+mod hosts;
 mod mount;
 mod rig;
 mod setup;

@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use std::fs::{self, File};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{symlink, DirBuilderExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::sys;
+use crate::sys::{self, Cpus};
 use crate::util::{self, say, shell_quote, Cmd};
 
 /// sshd refuses to re-exec itself unless started by absolute path.
@@ -31,7 +32,9 @@ pub struct Sshd {
 }
 
 impl Sshd {
-    pub fn start(dir: &Path, ferry: &Path) -> Result<Self> {
+    /// Starts it in `dir`, which it creates, with `ferry` first on its
+    /// sessions' PATH; pinned, with everything it starts, to `cpus` if given.
+    pub fn start(dir: &Path, ferry: &Path, cpus: Option<&Cpus>) -> Result<Self> {
         util::step("starting a private sshd on 127.0.0.1 (own host key, user key and config)");
         if !Path::new(SSHD).is_file() {
             bail!("{SSHD} does not exist; `cargo xtask setup` installs openssh-server");
@@ -106,14 +109,22 @@ impl Sshd {
                 &"-f".into(),
                 &config.clone().into_os_string(),
             ];
-            say!("$ {} &", Cmd::new(SSHD).args(args));
-            let child = Command::new(SSHD)
+            match cpus {
+                Some(cpus) => say!("$ taskset -c {cpus} {} &", Cmd::new(SSHD).args(args)),
+                None => say!("$ {} &", Cmd::new(SSHD).args(args)),
+            }
+            let mut command = Command::new(SSHD);
+            command
                 .args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("could not start sshd")?;
+                .stderr(log);
+            if let Some(cpus) = cpus.cloned() {
+                // SAFETY: the closure only makes one system call, which is
+                // safe between fork and exec.
+                unsafe { command.pre_exec(move || cpus.pin_this_thread()) };
+            }
+            let child = command.spawn().context("could not start sshd")?;
             // From here on, dropping `sshd` stops it.
             let mut sshd = Self {
                 child,

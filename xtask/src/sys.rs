@@ -1,5 +1,6 @@
 //! The few raw libc calls xtask needs, behind safe wrappers: the effective
-//! uid, interrupt handling and asking a child process to stop.
+//! uid, interrupt handling, asking a child process to stop and pinning
+//! processes to CPUs.
 //!
 //! Interrupts: SIGINT, SIGTERM and SIGHUP only set a flag. Whoever is waiting
 //! on a child notices it, stops the child and returns an error, so the
@@ -68,4 +69,78 @@ pub fn terminate(pid: u32) {
 pub fn is_root() -> bool {
     // SAFETY: `geteuid` has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// A set of CPUs, for pinning a process and what it starts.
+#[derive(Clone)]
+pub struct Cpus {
+    set: libc::cpu_set_t,
+    list: Vec<usize>,
+}
+
+impl Cpus {
+    /// The CPUs this process may run on.
+    pub fn allowed() -> Result<Self> {
+        // SAFETY: an all-zero `cpu_set_t` is the empty set, a valid value.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a live `cpu_set_t` and the size passed is its own.
+        let failed = unsafe {
+            libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0
+        };
+        if failed {
+            bail!(
+                "reading this process's CPUs failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let list = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` is below CPU_SETSIZE, inside `set`.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+            .collect();
+        Ok(Self { set, list })
+    }
+
+    /// The set holding `cpus`, each below CPU_SETSIZE.
+    pub fn of(cpus: &[usize]) -> Self {
+        // SAFETY: an all-zero `cpu_set_t` is the empty set, a valid value.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &cpu in cpus {
+            assert!(
+                cpu < libc::CPU_SETSIZE as usize,
+                "CPU {cpu} is out of range"
+            );
+            // SAFETY: `cpu` is below CPU_SETSIZE, inside `set`.
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+        Self {
+            set,
+            list: cpus.to_vec(),
+        }
+    }
+
+    pub fn list(&self) -> &[usize] {
+        &self.list
+    }
+
+    /// Pins the calling thread, and so whatever it starts from now on, to
+    /// these CPUs. Only a system call: safe between fork and exec.
+    pub fn pin_this_thread(&self) -> std::io::Result<()> {
+        // SAFETY: `self.set` is a live `cpu_set_t` and the size passed is its
+        // own; pid 0 is the calling thread.
+        let failed = unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.set) != 0
+        };
+        if failed {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl std::fmt::Display for Cpus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.list.iter().map(usize::to_string).collect();
+        write!(f, "{}", names.join(","))
+    }
 }
