@@ -479,6 +479,12 @@ pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> io::Result<()> {
 
 /// Writes one `Data` frame, its payload from where it is. Does not flush.
 pub fn write_data<W: Write>(w: &mut W, d: &DataRef) -> io::Result<()> {
+    w.write_all(&data_head(d)?)?;
+    w.write_all(d.payload)
+}
+
+/// A `Data` frame's header and fixed fields: what precedes its payload.
+pub fn data_head(d: &DataRef) -> io::Result<[u8; HEADER_LEN + DATA_PREFIX_LEN]> {
     let prefix = data_prefix(d);
     let len = checked_len(DATA_PREFIX_LEN + d.payload.len()).ok_or_else(|| {
         io::Error::new(
@@ -489,8 +495,7 @@ pub fn write_data<W: Write>(w: &mut W, d: &DataRef) -> io::Result<()> {
     let mut head = [0; HEADER_LEN + DATA_PREFIX_LEN];
     head[..HEADER_LEN].copy_from_slice(&header(Kind::Data, len, &data_covered(d, &prefix)));
     head[HEADER_LEN..].copy_from_slice(&prefix);
-    w.write_all(&head)?;
-    w.write_all(d.payload)
+    Ok(head)
 }
 
 /// Reads one frame. `Ok(None)` is a clean end of stream at a frame boundary;

@@ -53,6 +53,10 @@ use crate::{
     throttle::{IoPrio, RateLimiter},
 };
 
+/// Bytes of leased payloads a link may hold until its peer has read them:
+/// its socket's send buffer (2 MiB) with the kernel's bookkeeping.
+const LINK_HOLDS: u64 = 4 << 20;
+
 /// How a `Data` piece's payload is encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Codec {
@@ -458,12 +462,14 @@ impl Pipeline {
             .queue_depth
             .min(u32::try_from((cfg.mem_cap / read_size).max(1)).unwrap_or(u32::MAX));
         // Spare buffers to lease long reads from: as many as can wait
-        // downstream (queued, with the compressors, with the consumer),
-        // within the budget, and no more than there are long reads.
+        // downstream (queued, with the compressors, with the consumer, in
+        // the link until its peer has read them), within the budget, and no
+        // more than there are long reads.
         let long_reads = reader::Reads::new(extents.iter().copied(), read_size)
             .filter(|r| r.len >= reader::LEASE_MIN)
             .count();
-        let spare = (queue + jobs + cfg.compress_threads + 1)
+        let in_link = usize::try_from(LINK_HOLDS / read_size).unwrap_or(0) + 1;
+        let spare = (queue + jobs + cfg.compress_threads + 1 + in_link)
             .min(
                 usize::try_from(cfg.mem_cap / read_size)
                     .unwrap_or(usize::MAX)

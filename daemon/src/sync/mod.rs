@@ -59,7 +59,7 @@ use crate::{
         store::{Intent, Store, StoreError},
         targets::{target_id, Set, TargetLock, TargetRecord},
     },
-    pipeline::{self, Piece, Pipeline, PipelineConfig, PipelineError, PipelineStats},
+    pipeline::{self, Payload, Piece, Pipeline, PipelineConfig, PipelineError, PipelineStats},
     protocol::{self, ErrorCode, Hello, Message, ProtocolError, Welcome},
     throttle::RateLimiter,
     track::{TrackError, Tracking},
@@ -882,13 +882,20 @@ pub(crate) fn send_piece(session: &mut Session, piece: Piece) -> Result<(), Sync
                 pipeline::Codec::Raw => protocol::Codec::Raw,
                 pipeline::Codec::Zstd => protocol::Codec::Zstd,
             };
-            session.send_data(&protocol::DataRef {
-                offset,
-                raw_len,
-                codec,
-                data_hash,
-                payload: &payload,
-            })?;
+            match payload {
+                // The read ring's own buffer: spliced into the link, and
+                // back to the ring once the peer has read it.
+                Payload::Leased(lease) if codec == protocol::Codec::Raw => {
+                    session.send_leased(offset, raw_len, data_hash, lease)?;
+                }
+                payload => session.send_data(&protocol::DataRef {
+                    offset,
+                    raw_len,
+                    codec,
+                    data_hash,
+                    payload: &payload,
+                })?,
+            }
             drop(permit);
             Ok(())
         }

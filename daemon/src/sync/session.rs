@@ -3,8 +3,9 @@
 //! agent's error is seen while data is still going out.
 
 use std::{
+    collections::VecDeque,
     io::{self, BufWriter, Write},
-    os::unix::net::UnixStream,
+    os::{fd::AsFd, unix::net::UnixStream},
     sync::Arc,
     thread::JoinHandle,
 };
@@ -14,6 +15,10 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use super::SyncError;
 use crate::{
     protocol::{self, DataRef, Hello, Message, ProtocolError, Welcome},
+    sys::{
+        splice::{self, Splicer},
+        uring::Lease,
+    },
     throttle::RateLimiter,
     transport::{Link, LinkEnd, TransportError},
 };
@@ -27,6 +32,10 @@ pub const CORRUPT_FRAME_ENV: &str = "FERRY_TEST_CORRUPT_FRAME";
 /// thousands of 4 KiB extents then cost a few hundred writes to the pipe
 /// (and SSH packets), not two each. Larger payloads go straight through.
 const SEND_BUFFER: usize = 256 << 10;
+
+/// Payloads at least this long go to the link by reference (spliced), when
+/// their buffer can be held until the peer has read it.
+const SPLICE_FROM: usize = 64 << 10;
 
 pub struct Session {
     /// Flushed before every wait for a reply ([`Session::recv`]) and
@@ -43,6 +52,12 @@ pub struct Session {
     pub bytes_sent: u64,
     data_frames: u64,
     corrupt_frame: Option<u64>,
+    /// Hands held payloads to the link by reference; `None` where no pipe
+    /// could be made (they are then written).
+    splicer: Option<Splicer>,
+    /// Spliced payloads' buffers, each with the link position its payload
+    /// ends at, held until the peer has read that far.
+    held: VecDeque<(u64, Lease)>,
 }
 
 impl Session {
@@ -84,6 +99,8 @@ impl Session {
             corrupt_frame: std::env::var(CORRUPT_FRAME_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            splicer: Splicer::new().ok(),
+            held: VecDeque::new(),
         }
     }
 
@@ -119,6 +136,71 @@ impl Session {
         let last = frame.len() - 1;
         frame[last] ^= 0x5a;
         self.write(frame.len() as u64, |tx| tx.write_all(&frame))
+    }
+
+    /// Sends one raw `Data` frame whose payload is `lease`'s bytes, by
+    /// reference: the payload is spliced into the link, not copied, and
+    /// the lease is held until the peer has read it.
+    pub fn send_leased(
+        &mut self,
+        offset: u64,
+        raw_len: u32,
+        data_hash: u64,
+        lease: Lease,
+    ) -> Result<(), SyncError> {
+        let d = DataRef {
+            offset,
+            raw_len,
+            codec: protocol::Codec::Raw,
+            data_hash,
+            payload: &lease,
+        };
+        if d.payload.len() < SPLICE_FROM
+            || self.splicer.is_none()
+            || self.corrupt_frame == Some(self.data_frames + 1)
+        {
+            return self.send_data(&d);
+        }
+        self.data_frames += 1;
+        let head = protocol::data_head(&d).map_err(|e| self.lost(e))?;
+        let len = (head.len() + d.payload.len()) as u64;
+        self.check()?;
+        if let Some(limit) = &self.wire {
+            limit.acquire(len);
+        }
+        let tx = self.tx.as_mut().expect("sending on a closed session");
+        let splicer = self.splicer.as_mut().expect("checked above");
+        // What is gathered goes first, so the stream keeps its order.
+        let sent = tx
+            .write_all(&head)
+            .and_then(|()| tx.flush())
+            .and_then(|()| splicer.send(tx.get_ref().as_fd(), d.payload));
+        if let Err(e) = sent {
+            return Err(self.lost(e));
+        }
+        self.bytes_sent += len;
+        self.held.push_back((self.bytes_sent, lease));
+        self.let_go_of_read();
+        Ok(())
+    }
+
+    /// Lets go of the held payloads the peer has read.
+    fn let_go_of_read(&mut self) {
+        let Some(tx) = self.tx.as_ref() else {
+            return;
+        };
+        if self.held.is_empty() {
+            return;
+        }
+        let in_link = self.bytes_sent - tx.buffer().len() as u64;
+        // A failed look keeps them until the next one.
+        let Ok(unread) = splice::unread(tx.get_ref().as_fd()) else {
+            return;
+        };
+        let read = in_link.saturating_sub(unread as u64);
+        while self.held.front().is_some_and(|(end, _)| *end <= read) {
+            self.held.pop_front();
+        }
     }
 
     /// Writes `len` bytes to the link through `put`, within the wire limit.
@@ -174,6 +256,7 @@ impl Session {
         if let Err(e) = tx.flush() {
             return Err(self.lost(e));
         }
+        self.let_go_of_read();
         Ok(())
     }
 
@@ -183,7 +266,9 @@ impl Session {
             return Ok(msg);
         }
         self.flush()?;
-        match self.replies.recv() {
+        let reply = self.replies.recv();
+        self.let_go_of_read();
+        match reply {
             Ok(Ok(Message::Error { code, message })) => Err(SyncError::Refused {
                 peer: self.peer.clone(),
                 code,
@@ -289,5 +374,77 @@ impl Drop for Session {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+    use crate::{
+        hash,
+        protocol::{read_message, Data, DATA_PREFIX_LEN, HEADER_LEN},
+        sys::uring::{open_direct, ReadReq, ReadRing},
+        testutil::TempFile,
+    };
+
+    #[test]
+    fn a_spliced_payload_is_held_until_the_peer_has_read_it() {
+        const LEN: usize = SPLICE_FROM;
+        let data: Vec<u8> = (0..LEN).map(|i| (i * 13 % 251) as u8).collect();
+        let tmp = TempFile::new("session-splice", &data);
+        let mut ring = ReadRing::new(open_direct(&tmp.0).unwrap(), 1, 1, LEN, 512, true).unwrap();
+        ring.push(ReadReq {
+            tag: 0,
+            offset: 0,
+            len: LEN as u32,
+            need: LEN as u32,
+            ioprio: 0,
+        })
+        .unwrap();
+        ring.submit().unwrap();
+        let mut lease = None;
+        while lease.is_none() {
+            ring.wait(None).unwrap();
+            ring.reap(|mut c| lease = c.lease());
+        }
+        let lease = lease.unwrap();
+
+        let (tx, mut peer) = UnixStream::pair().unwrap();
+        let link = Link {
+            tx,
+            rx: Box::new(io::empty()),
+            worker: None,
+            peer: "a test peer".into(),
+        };
+        let mut session = Session::new(link, None);
+        assert!(session.splicer.is_some(), "no pipe to splice through");
+        let data_hash = hash::data_hash(&data);
+        session
+            .send_leased(4096, LEN as u32, data_hash, lease)
+            .unwrap();
+        session.flush().unwrap();
+        // Nothing read yet: the ring's buffer stays with the link.
+        assert_eq!(session.held.len(), 1);
+
+        let mut frame = vec![0; HEADER_LEN + DATA_PREFIX_LEN + LEN];
+        peer.read_exact(&mut frame[..100]).unwrap();
+        session.flush().unwrap();
+        assert_eq!(session.held.len(), 1, "let go with most of it unread");
+        peer.read_exact(&mut frame[100..]).unwrap();
+        session.flush().unwrap();
+        assert!(session.held.is_empty(), "still held once read");
+        assert_eq!(session.bytes_sent, frame.len() as u64);
+        assert_eq!(
+            read_message(&mut &frame[..]).unwrap(),
+            Some(Message::Data(Data {
+                offset: 4096,
+                raw_len: LEN as u32,
+                codec: protocol::Codec::Raw,
+                data_hash,
+                payload: data,
+            }))
+        );
     }
 }

@@ -8,6 +8,7 @@ pub mod freeze;
 pub mod fs;
 pub mod mmap;
 pub mod prio;
+pub mod splice;
 pub mod uring;
 
 use std::io;
