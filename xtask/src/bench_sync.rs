@@ -27,6 +27,11 @@
 //! an agent cost. The limit and the plain `dd` job also run over one kept
 //! connection: a login is no part of what the link carries.
 //!
+//! The two ends run as two hosts would: the sshd, and all it starts, on
+//! half the CPUs, and everything else (ferry and its `ssh`, the baselines'
+//! shells, `ssh`, `dd`, `rsync`, `fio`) on the other half; see [`Hosts`].
+//! `--shared-cpus` lets both ends run anywhere, as on one box.
+//!
 //! Everything is timed by wall clock, connecting included. Goals are printed,
 //! not asserted. Every copy is checked against the source (the standby with
 //! `ferry verify` and with `cmp`, the baselines with `cmp`): a copy that
