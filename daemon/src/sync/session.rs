@@ -33,10 +33,6 @@ pub const CORRUPT_FRAME_ENV: &str = "FERRY_TEST_CORRUPT_FRAME";
 /// (and SSH packets), not two each. Larger payloads go straight through.
 const SEND_BUFFER: usize = 256 << 10;
 
-/// Payloads at least this long go to the link by reference (spliced), when
-/// their buffer can be held until the peer has read it.
-const SPLICE_FROM: usize = 64 << 10;
-
 pub struct Session {
     /// Flushed before every wait for a reply ([`Session::recv`]) and
     /// whenever the sender has nothing more ready ([`Session::flush`]).
@@ -140,7 +136,8 @@ impl Session {
 
     /// Sends one raw `Data` frame whose payload is `lease`'s bytes, by
     /// reference: the payload is spliced into the link, not copied, and
-    /// the lease is held until the peer has read it.
+    /// the lease is held until the peer has read it. Leases are long reads
+    /// (the reader leases 64 KiB or more), worth a flush each.
     pub fn send_leased(
         &mut self,
         offset: u64,
@@ -155,30 +152,22 @@ impl Session {
             data_hash,
             payload: &lease,
         };
-        if d.payload.len() < SPLICE_FROM
-            || self.splicer.is_none()
-            || self.corrupt_frame == Some(self.data_frames + 1)
-        {
+        if self.splicer.is_none() || self.corrupt_frame == Some(self.data_frames + 1) {
             return self.send_data(&d);
         }
         self.data_frames += 1;
         let head = protocol::data_head(&d).map_err(|e| self.lost(e))?;
         let len = (head.len() + d.payload.len()) as u64;
-        self.check()?;
-        if let Some(limit) = &self.wire {
-            limit.acquire(len);
-        }
-        let tx = self.tx.as_mut().expect("sending on a closed session");
-        let splicer = self.splicer.as_mut().expect("checked above");
-        // What is gathered goes first, so the stream keeps its order.
-        let sent = tx
-            .write_all(&head)
-            .and_then(|()| tx.flush())
-            .and_then(|()| splicer.send(tx.get_ref().as_fd(), d.payload));
-        if let Err(e) = sent {
-            return Err(self.lost(e));
-        }
-        self.bytes_sent += len;
+        // `write` borrows the whole session: the splicer goes along apart.
+        let mut splicer = self.splicer.take().expect("checked above");
+        let sent = self.write(len, |tx| {
+            // What is gathered goes first, so the stream keeps its order.
+            tx.write_all(&head)?;
+            tx.flush()?;
+            splicer.send(tx.get_ref().as_fd(), d.payload)
+        });
+        self.splicer = Some(splicer);
+        sent?;
         self.held.push_back((self.bytes_sent, lease));
         self.let_go_of_read();
         Ok(())
@@ -391,7 +380,7 @@ mod tests {
 
     #[test]
     fn a_spliced_payload_is_held_until_the_peer_has_read_it() {
-        const LEN: usize = SPLICE_FROM;
+        const LEN: usize = 64 << 10;
         let data: Vec<u8> = (0..LEN).map(|i| (i * 13 % 251) as u8).collect();
         let tmp = TempFile::new("session-splice", &data);
         let mut ring = ReadRing::new(open_direct(&tmp.0).unwrap(), 1, 1, LEN, 512, true).unwrap();
