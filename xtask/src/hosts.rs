@@ -22,7 +22,7 @@ impl Hosts {
     /// the source; `None` with fewer than two.
     pub fn split() -> Result<Option<Self>> {
         Ok(
-            halves(Cpus::allowed()?.list()).map(|(source, target)| Self {
+            halves(&Cpus::allowed()?.list()).map(|(source, target)| Self {
                 source: Cpus::of(&source),
                 target: Cpus::of(&target),
             }),

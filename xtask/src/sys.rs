@@ -73,10 +73,7 @@ pub fn is_root() -> bool {
 
 /// A set of CPUs, for pinning a process and what it starts.
 #[derive(Clone)]
-pub struct Cpus {
-    set: libc::cpu_set_t,
-    list: Vec<usize>,
-}
+pub struct Cpus(libc::cpu_set_t);
 
 impl Cpus {
     /// The CPUs this process may run on.
@@ -93,11 +90,7 @@ impl Cpus {
                 std::io::Error::last_os_error()
             );
         }
-        let list = (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: `cpu` is below CPU_SETSIZE, inside `set`.
-            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
-            .collect();
-        Ok(Self { set, list })
+        Ok(Self(set))
     }
 
     /// The set holding `cpus`, each below CPU_SETSIZE.
@@ -112,23 +105,24 @@ impl Cpus {
             // SAFETY: `cpu` is below CPU_SETSIZE, inside `set`.
             unsafe { libc::CPU_SET(cpu, &mut set) };
         }
-        Self {
-            set,
-            list: cpus.to_vec(),
-        }
+        Self(set)
     }
 
-    pub fn list(&self) -> &[usize] {
-        &self.list
+    /// The CPUs in the set, in order.
+    pub fn list(&self) -> Vec<usize> {
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` is below CPU_SETSIZE, inside the set.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &self.0) })
+            .collect()
     }
 
     /// Pins the calling thread, and so whatever it starts from now on, to
     /// these CPUs. Only a system call: safe between fork and exec.
     pub fn pin_this_thread(&self) -> std::io::Result<()> {
-        // SAFETY: `self.set` is a live `cpu_set_t` and the size passed is its
+        // SAFETY: `self.0` is a live `cpu_set_t` and the size passed is its
         // own; pid 0 is the calling thread.
         let failed = unsafe {
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.set) != 0
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) != 0
         };
         if failed {
             Err(std::io::Error::last_os_error())
@@ -140,7 +134,7 @@ impl Cpus {
 
 impl std::fmt::Display for Cpus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<String> = self.list.iter().map(usize::to_string).collect();
+        let names: Vec<String> = self.list().iter().map(usize::to_string).collect();
         write!(f, "{}", names.join(","))
     }
 }
