@@ -22,7 +22,8 @@
 //! Fixed per-pipeline memory outside the budget: `queue_depth` read buffers
 //! of `max_io` bytes (fewer if the budget cannot fill them), plus spare ones
 //! that long reads are leased from rather than copied (as many as can wait
-//! to be sent, within the budget; none for a job of short reads), one
+//! to be sent, within the budget; none for a job of short reads; past them
+//! leases take the read-ahead buffers but the last), one
 //! compression scratch buffer per compressor thread, and the queues' slots
 //! (at most 4096 pieces and 256 jobs, without their data, a few hundred
 //! KiB).

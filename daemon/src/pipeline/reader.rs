@@ -390,9 +390,9 @@ impl Reader {
 }
 
 /// Reads of at least this many bytes that hold no zero chunk are sent on in
-/// the ring's buffer (leased) rather than copied out, while spare buffers
-/// last. Shorter ones are copied: cheap, and they would tie up a whole
-/// buffer each.
+/// the ring's buffer (leased) rather than copied out, while the ring has a
+/// buffer left to read into. Shorter ones are copied: cheap, and they would
+/// tie up a whole buffer each.
 pub(super) const LEASE_MIN: u64 = 64 << 10;
 
 /// Bytes copied and then hashed at a time: small enough that the hash

@@ -120,8 +120,8 @@ struct LeaseOffer<'a> {
 
 impl Completed<'_> {
     /// Keeps the read's bytes (`ReadResult::Data`) past `reap`, without
-    /// copying them, while the ring has spare buffers to read on with.
-    /// `None` if the read has no data or the ring has no spare buffer.
+    /// copying them, while the ring keeps a buffer to read on with.
+    /// `None` if the read has no data or every other buffer is leased.
     pub fn lease(&mut self) -> Option<Lease> {
         let offer = self.lease.take()?;
         *offer.taken = true;
@@ -248,8 +248,6 @@ pub struct ReadRing {
     free: Vec<u16>,
     /// Reads in flight at most.
     depth: usize,
-    /// Buffers beyond `depth` that may be leased.
-    spare: usize,
     /// Buffers leased now.
     leased: usize,
     /// Leases that ended send their buffer's index here.
@@ -268,8 +266,9 @@ pub struct ReadRing {
 
 impl ReadRing {
     /// A ring with `depth` reads in flight at most, and `depth + spare`
-    /// buffers of `buf_len` bytes each, reading `file`. Up to `spare`
-    /// finished reads may be leased at a time.
+    /// buffers of `buf_len` bytes each, reading `file`. Finished reads may
+    /// be leased while a buffer is left to read into: up to `spare` of them
+    /// leave `depth` reads in flight, more leave fewer (one at the least).
     ///
     /// `block` is the granularity a read can continue at (512 under
     /// `O_DIRECT`, 1 otherwise): a short read that stops off that grid is the
@@ -346,7 +345,6 @@ impl ReadRing {
             buf_len,
             free: (0..count).rev().collect(),
             depth: usize::from(depth),
-            spare: usize::from(spare),
             leased: 0,
             home,
             returned,
@@ -575,7 +573,7 @@ impl ReadRing {
 
     /// Hands each finished read to `f`, then frees its buffer.
     pub fn reap(&mut self, mut f: impl FnMut(Completed<'_>)) {
-        // Leases that ended since the last push count as spare again.
+        // Leases that ended since the last push count as free again.
         self.take_back();
         self.reap_cq();
         while let Some((idx, outcome)) = self.done.pop_front() {
@@ -589,7 +587,11 @@ impl ReadRing {
             let mut lease = None;
             let result = match outcome {
                 Outcome::Whole => {
-                    if self.leased < self.spare {
+                    // Past the spare buffers, a lease takes one the ring
+                    // would read ahead into: when that many wait to be
+                    // sent, reading ahead gains nothing, and copying the
+                    // read out would cost the source's CPU for nothing.
+                    if self.leased + 1 < self.bufs.len() {
                         lease = Some(LeaseOffer {
                             buf,
                             idx,
@@ -811,15 +813,16 @@ mod tests {
             });
             // Half way, the first lease ends: its buffer reads again.
             if !released && next >= 8 {
-                assert_eq!(leases.len(), 3);
+                assert_eq!(leases.len(), 4);
                 leases.remove(0);
                 released = true;
             }
         }
-        // Three spare buffers: three leases at a time, then the first went
+        // Five buffers: four leases at a time (past the three spare ones,
+        // the ring reads on with the one buffer left), then the first went
         // back and made room for one more.
-        assert_eq!(leases.len(), 3);
-        assert_eq!(refused, 16 - 4);
+        assert_eq!(leases.len(), 4);
+        assert_eq!(refused, 16 - 5);
         drop(ring);
         // Leases outlive the ring, with the bytes their reads brought.
         for (tag, lease) in &leases {
