@@ -8,6 +8,7 @@ pub mod freeze;
 pub mod fs;
 pub mod mmap;
 pub mod prio;
+pub mod ringmem;
 pub mod splice;
 pub mod uring;
 

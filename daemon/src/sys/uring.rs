@@ -23,19 +23,19 @@
 //! or a real error.
 
 use std::{
-    alloc::{self, Layout},
     collections::VecDeque,
     fs::{File, OpenOptions},
     io,
     os::{fd::AsRawFd, unix::fs::OpenOptionsExt},
     path::Path,
-    ptr::NonNull,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use crossbeam_channel::{Receiver, Sender};
 use io_uring::{opcode, register::Probe, types, IoUring};
+
+use super::ringmem::{self, Buf};
 
 /// Alignment of every buffer: enough for `O_DIRECT` on any device.
 pub const BUF_ALIGN: usize = 4096;
@@ -111,7 +111,7 @@ pub struct Completed<'a> {
 /// What [`Completed::lease`] needs from the ring.
 #[derive(Debug)]
 struct LeaseOffer<'a> {
-    buf: &'a Arc<AlignedBuf>,
+    buf: &'a Arc<Buf>,
     idx: u16,
     len: usize,
     home: &'a Sender<u16>,
@@ -134,64 +134,11 @@ impl Completed<'_> {
     }
 }
 
-/// Heap memory aligned to [`BUF_ALIGN`], zeroed at allocation.
-struct AlignedBuf {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl std::fmt::Debug for AlignedBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AlignedBuf({} bytes)", self.len)
-    }
-}
-
-// SAFETY: the buffer is plain memory owned by this value; who may write it
-// when is ruled by the ring (only the kernel, only while a read owns it),
-// and readers only read after the read that filled it completed.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: as above; shared access is read-only.
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    fn new(len: usize) -> Self {
-        assert!(len > 0 && len.is_multiple_of(BUF_ALIGN));
-        let layout = Self::layout(len);
-        // SAFETY: the layout has a non-zero size (asserted above).
-        let ptr = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(ptr).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        Self { ptr, len }
-    }
-
-    fn layout(len: usize) -> Layout {
-        Layout::from_size_align(len, BUF_ALIGN).expect("buffer layout fits isize")
-    }
-
-    /// The first `len` bytes.
-    ///
-    /// # Safety
-    /// The kernel must not be writing into the buffer (no read in flight).
-    unsafe fn slice(&self, len: usize) -> &[u8] {
-        assert!(len <= self.len);
-        // SAFETY: `ptr` is valid for `self.len` initialised (zeroed at
-        // allocation) bytes for the life of `self`; the caller guarantees no
-        // concurrent write by the kernel.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` was allocated in `new` with exactly this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
-    }
-}
-
 /// The bytes of a finished read, kept out of the ring: the buffer goes
 /// back to the ring when the lease is dropped (or is freed, if the ring is
 /// gone).
 pub struct Lease {
-    buf: Arc<AlignedBuf>,
+    buf: Arc<Buf>,
     idx: u16,
     len: usize,
     home: Sender<u16>,
@@ -243,7 +190,7 @@ pub struct ReadRing {
     // must go before the buffers it points into.
     ring: IoUring,
     file: File,
-    bufs: Vec<Arc<AlignedBuf>>,
+    bufs: Vec<Arc<Buf>>,
     buf_len: usize,
     free: Vec<u16>,
     /// Reads in flight at most.
@@ -312,16 +259,18 @@ impl ReadRing {
         let count = depth
             .checked_add(spare)
             .ok_or_else(|| invalid("too many buffers"))?;
-        let bufs: Vec<Arc<AlignedBuf>> = (0..count)
-            .map(|_| Arc::new(AlignedBuf::new(buf_len)))
+        let bufs: Vec<Arc<Buf>> = ringmem::carve(usize::from(count), buf_len)
+            .map_err(ring_err("setup"))?
+            .into_iter()
+            .map(Arc::new)
             .collect();
         let mut fixed = false;
         if register && probe.is_supported(opcode::ReadFixed::CODE) {
             let iovecs: Vec<libc::iovec> = bufs
                 .iter()
                 .map(|b| libc::iovec {
-                    iov_base: b.ptr.as_ptr().cast(),
-                    iov_len: b.len,
+                    iov_base: b.ptr().as_ptr().cast(),
+                    iov_len: b.len(),
                 })
                 .collect();
             // SAFETY: each iovec covers one live allocation owned by `bufs`
@@ -426,7 +375,7 @@ impl ReadRing {
         let got = slot.got;
         // SAFETY: `got < len <= buf.len`, so the pointer stays inside the
         // buffer.
-        let ptr = unsafe { buf.ptr.as_ptr().add(got as usize) };
+        let ptr = unsafe { buf.ptr().as_ptr().add(got as usize) };
         let fd = types::Fd(self.file.as_raw_fd());
         let len = slot.req.len - got;
         let offset = slot.req.offset + u64::from(got);
