@@ -127,9 +127,14 @@ pub(crate) fn carve(count: usize, len: usize) -> io::Result<Vec<Buf>> {
         ptr: NonNull::new(start as *mut u8).expect("a mapping is never at 0"),
         len: used,
     });
-    // SAFETY: advice on a range this process mapped; without transparent
-    // huge pages it fails (EINVAL) and the mapping stays as it is.
-    unsafe { libc::madvise(start as *mut libc::c_void, used, libc::MADV_HUGEPAGE) };
+    // SAFETY: advice on a range this process mapped. Without transparent
+    // huge pages the first fails (EINVAL) and the mapping stays as it is.
+    // The second keeps the buffers out of a forked child (which only execs):
+    // pages io_uring has pinned would otherwise be copied at the fork.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, used, libc::MADV_HUGEPAGE);
+        libc::madvise(start as *mut libc::c_void, used, libc::MADV_DONTFORK);
+    }
     Ok((0..count)
         .map(|i| Buf {
             _mapping: Arc::clone(&mapping),
@@ -144,25 +149,24 @@ pub(crate) fn carve(count: usize, len: usize) -> io::Result<Vec<Buf>> {
 mod tests {
     use super::*;
 
-    /// The `THPeligible` line of the mapping that holds `addr`, from
-    /// /proc/self/smaps.
-    fn thp_eligible(addr: usize) -> Option<bool> {
+    /// The value of `field` in /proc/self/smaps for the mapping that holds
+    /// `addr`.
+    fn smaps_field(addr: usize, field: &str) -> Option<String> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
         let mut inside = false;
         for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ') {
-                if let Some((lo, hi)) = range.split_once('-') {
-                    if let (Ok(lo), Ok(hi)) =
-                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-                    {
-                        inside = (lo..hi).contains(&addr);
-                        continue;
-                    }
+            let range = line.split_once(' ').and_then(|(r, _)| r.split_once('-'));
+            if let Some((lo, hi)) = range {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&addr);
+                    continue;
                 }
             }
             if inside {
-                if let Some(v) = line.strip_prefix("THPeligible:") {
-                    return Some(v.trim() == "1");
+                if let Some(v) = line.strip_prefix(field).and_then(|v| v.strip_prefix(':')) {
+                    return Some(v.trim().to_owned());
                 }
             }
         }
@@ -216,6 +220,21 @@ mod tests {
         }
         let bufs = carve(4, 1 << 20).unwrap();
         let at = bufs[0].ptr().as_ptr() as usize;
-        assert_eq!(thp_eligible(at), Some(true), "mapping at {at:#x}");
+        assert_eq!(
+            smaps_field(at, "THPeligible").as_deref(),
+            Some("1"),
+            "mapping at {at:#x}"
+        );
+    }
+
+    #[test]
+    fn a_forked_child_gets_no_copy_of_the_buffers() {
+        let bufs = carve(2, 1 << 20).unwrap();
+        let at = bufs[1].ptr().as_ptr() as usize;
+        let flags = smaps_field(at, "VmFlags").expect("the mapping is in smaps");
+        assert!(
+            flags.split_whitespace().any(|f| f == "dc"),
+            "VmFlags of the mapping at {at:#x}: {flags}"
+        );
     }
 }
