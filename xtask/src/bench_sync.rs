@@ -14,7 +14,7 @@
 //! The limit writes nothing on the target; the plainest transfer that does,
 //! `dd` of the device piped into `ssh 'dd of=FILE'`, is timed beside it.
 //!
-//! The machine is shared, so the compared runs go in rounds (`--rounds`, 3):
+//! The machine is shared, so the compared runs go in rounds (`--rounds`, 5):
 //! churn, ferry, rsync; and overwrite, ferry, the limit, dd. ferry and its
 //! baselines share the same moments, and the medians are reported. The
 //! first overwrite is timed on its own: it also fills the thin image's
@@ -70,8 +70,10 @@ pub struct SyncArgs {
     #[arg(long, value_name = "SIZE", default_value = "64K")]
     chunk_size: String,
     /// Rounds of each comparison (churn, ferry, rsync; and overwrite, ferry,
-    /// ssh 'cat > /dev/null', dd | ssh dd); the median of each is reported
-    #[arg(long, value_name = "N", default_value_t = 3,
+    /// ssh 'cat > /dev/null', dd | ssh dd); the median of each is reported.
+    /// Other work on a shared machine can slow any round by a third: five
+    /// keep the median clear of two such rounds
+    #[arg(long, value_name = "N", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=9))]
     rounds: u32,
     /// When a measurement or check fails, carry on with the rest and fail at
