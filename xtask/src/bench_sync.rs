@@ -1021,14 +1021,18 @@ fn report(r: &Results<'_>) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn median_is_the_middle_run_by_time() {
-        let run = |secs| Timed {
+    /// A run of `secs` seconds over one byte.
+    fn run(secs: f64) -> Timed {
+        Timed {
             secs,
             covered: 1,
             wire: None,
             cpu: None,
-        };
+        }
+    }
+
+    #[test]
+    fn median_is_the_middle_run_by_time() {
         let secs = |runs: Vec<Timed>| median(&runs).map(|t| t.secs);
         assert_eq!(secs(vec![]), None);
         assert_eq!(secs(vec![run(3.0)]), Some(3.0));
@@ -1041,12 +1045,6 @@ mod tests {
 
     #[test]
     fn fastest_is_the_run_of_least_time() {
-        let run = |secs| Timed {
-            secs,
-            covered: 1,
-            wire: None,
-            cpu: None,
-        };
         let secs = |runs: Vec<Timed>| fastest(&runs).map(|t| t.secs);
         assert_eq!(secs(vec![]), None);
         assert_eq!(secs(vec![run(9.0), run(1.5), run(4.0)]), Some(1.5));
