@@ -533,6 +533,17 @@ impl Timed {
     }
 }
 
+/// The physical limit, in bytes per second, and what sets it: the slower of
+/// reading the source and pushing bytes through `ssh 'cat > /dev/null'`.
+fn physical_limit(read: Option<&Timed>, pipe: Option<&Timed>) -> Option<(f64, &'static str)> {
+    let (read, pipe) = (read?.throughput(), pipe?.throughput());
+    Some(if read <= pipe {
+        (read, "reading the source")
+    } else {
+        (pipe, "ssh")
+    })
+}
+
 /// The fastest run: the one other work on the machine disturbed least.
 fn fastest(runs: &[Timed]) -> Option<&Timed> {
     runs.iter().min_by(|a, b| a.secs.total_cmp(&b.secs))
@@ -952,13 +963,7 @@ fn report(r: &Results<'_>) {
         ),
         None => say!("full copy / ferry: not measured"),
     }
-    let limit = match (r.read.as_ref(), pipe) {
-        (Some(read), Some(pipe)) if read.throughput() <= pipe.throughput() => {
-            Some((read.throughput(), "reading the source"))
-        }
-        (Some(_), Some(pipe)) => Some((pipe.throughput(), "ssh")),
-        _ => None,
-    };
+    let limit = physical_limit(r.read.as_ref(), pipe);
     match (ferry_again, limit) {
         (Some(ferry), Some((limit, by))) => {
             let ratio = ferry.throughput() / limit;
@@ -977,10 +982,10 @@ fn report(r: &Results<'_>) {
     // limit flatters ferry as much as a slowed ferry wrongs it: the fastest
     // round of each, the least disturbed, is shown beside the medians (not
     // judged).
-    if let (Some(ferry), Some(pipe), Some(read)) =
-        (fastest(&r.ferry_again), fastest(&r.pipe), r.read.as_ref())
-    {
-        let limit = pipe.throughput().min(read.throughput());
+    if let (Some(ferry), Some((limit, _))) = (
+        fastest(&r.ferry_again),
+        physical_limit(r.read.as_ref(), fastest(&r.pipe)),
+    ) {
         say!(
             "{:<42} {:>9.2}   (ferry {:.0} MiB/s; limit {:.0} MiB/s)",
             "the same, fastest round of each",
@@ -1041,6 +1046,20 @@ mod tests {
             secs(vec![run(9.0), run(1.0), run(4.0), run(2.0)]),
             Some(2.0)
         );
+    }
+
+    #[test]
+    fn the_physical_limit_is_the_slower_of_reading_and_ssh() {
+        // One byte each: the longer run is the slower.
+        assert_eq!(
+            physical_limit(Some(&run(2.0)), Some(&run(4.0))),
+            Some((0.25, "ssh"))
+        );
+        assert_eq!(
+            physical_limit(Some(&run(4.0)), Some(&run(2.0))),
+            Some((0.25, "reading the source"))
+        );
+        assert_eq!(physical_limit(None, Some(&run(2.0))), None);
     }
 
     #[test]
