@@ -544,6 +544,20 @@ fn physical_limit(read: Option<&Timed>, pipe: Option<&Timed>) -> Option<(f64, &'
     })
 }
 
+/// A run's source-side CPU seconds per GiB covered, as printed (`-` where
+/// it was not measured).
+fn source_cpu_per_gib(run: &Timed) -> String {
+    match run.cpu {
+        Some(cpu) if run.covered > 0 => {
+            format!(
+                "{:.2}",
+                cpu.source / (run.covered as f64 / f64::from(1 << 30))
+            )
+        }
+        _ => "-".to_owned(),
+    }
+}
+
 /// The fastest run: the one other work on the machine disturbed least.
 fn fastest(runs: &[Timed]) -> Option<&Timed> {
     runs.iter().min_by(|a, b| a.secs.total_cmp(&b.secs))
@@ -904,6 +918,17 @@ fn report(r: &Results<'_>) {
         let secs: Vec<String> = runs.iter().map(|t| format!("{:.2}", t.secs)).collect();
         say!("  {label:<40} {}", secs.join("  "));
     }
+    // The source side's CPU per GiB tells a round slowed by other work
+    // (its `ssh` costs more per byte, for ferry and the limit alike) from
+    // one where ferry's own work took the time.
+    say!("source CPU seconds per GiB of each round (ssh, and ferry or the shell):");
+    for (label, runs) in [
+        ("100% churn again, ferry", &r.ferry_again),
+        ("ssh 'cat > /dev/null'", &r.pipe),
+    ] {
+        let per_gib: Vec<String> = runs.iter().map(source_cpu_per_gib).collect();
+        say!("  {label:<40} {}", per_gib.join("  "));
+    }
     say!("");
     say!("CPU seconds per GiB, 100% churn again, median run (source: ferry, or the shell,");
     say!("dd and ssh; target: sshd and what it runs; machine: all CPUs busy, kernel threads");
@@ -1046,6 +1071,28 @@ mod tests {
             secs(vec![run(9.0), run(1.0), run(4.0), run(2.0)]),
             Some(2.0)
         );
+    }
+
+    #[test]
+    fn source_cpu_is_per_gib_covered() {
+        let spent = |source| Spent {
+            source,
+            target: 9.0,
+            machine: 9.0,
+        };
+        let two_gib = |cpu| Timed {
+            secs: 1.0,
+            covered: 2 << 30,
+            wire: None,
+            cpu,
+        };
+        assert_eq!(source_cpu_per_gib(&two_gib(Some(spent(1.5)))), "0.75");
+        assert_eq!(source_cpu_per_gib(&two_gib(None)), "-");
+        let nothing = Timed {
+            covered: 0,
+            ..two_gib(Some(spent(1.5)))
+        };
+        assert_eq!(source_cpu_per_gib(&nothing), "-");
     }
 
     #[test]
