@@ -76,15 +76,20 @@ impl<I: Iterator<Item = Extent>> Iterator for Reads<I> {
 
 /// Bytes of data the queue of finished pieces holds, about. It is what the
 /// job reads ahead while the connection to the target is still being made.
-/// Long runs are held to 64 MiB rather than `mem_cap` (256 MiB): letting
-/// them fill the cap doubled a 100% churn job's page faults, the host
-/// mapping fresh memory for each (measured with `perf stat`).
-const QUEUED: u64 = 64 << 20;
+/// Long runs are leased from the read ring, which has a buffer for each
+/// place in the queue, and every buffer is faulted in and pinned when the
+/// ring starts. So long runs are held to 16 MiB: at 64 MiB a 100% churn
+/// job pinned 92 MiB and spent about 0.1 CPU seconds more per 4 GiB (11
+/// alternating pairs, ferry's own time 0.60 against 0.50 s), clearing
+/// pages and hashing payloads that waited long enough to leave the cache;
+/// at `mem_cap` (256 MiB) its page faults doubled again. Once connected,
+/// the link sets the pace and the queue only needs to keep it fed.
+const QUEUED: u64 = 16 << 20;
 
 /// Pieces the queue of finished pieces holds: [`QUEUED`] bytes of this
-/// job's average read, between 64 (long runs, 1 MiB reads) and 4096
-/// (scattered 4 KiB writes, which would otherwise fill 64 places with
-/// 256 KiB and stop the reading ahead).
+/// job's average read, between 16 (long runs, 1 MiB reads) and 4096
+/// (scattered 4 KiB writes, which would otherwise fill 16 places with
+/// 64 KiB and stop the reading ahead).
 pub(super) fn queue_len(extents: &[Extent], read_size: u64) -> usize {
     let (bytes, reads) = Reads::new(extents.iter().copied(), read_size)
         .fold((0u64, 0u64), |(bytes, reads), read| {
@@ -93,7 +98,7 @@ pub(super) fn queue_len(extents: &[Extent], read_size: u64) -> usize {
     let average = (bytes / reads.max(1)).max(1);
     usize::try_from(QUEUED / average)
         .unwrap_or(usize::MAX)
-        .clamp(64, 4096)
+        .clamp(16, 4096)
 }
 
 /// Why the read loop stopped early.
@@ -438,19 +443,21 @@ mod tests {
     }
 
     #[test]
-    fn the_queue_holds_about_64_mib_of_the_average_read() {
+    fn the_queue_holds_about_16_mib_of_the_average_read() {
         const MIB: u64 = 1 << 20;
-        // Long runs in 1 MiB reads: 64 of them.
-        assert_eq!(queue_len(&[e(0, 512 * MIB)], MIB), 64);
+        // Long runs in 1 MiB reads: 16 of them.
+        assert_eq!(queue_len(&[e(0, 512 * MIB)], MIB), 16);
         // Touching extents are one run.
         let touching: Vec<Extent> = (0..1024).map(|i| e(i * MIB, MIB)).collect();
-        assert_eq!(queue_len(&touching, MIB), 64);
-        // Scattered 4 KiB writes: as many places as 64 MiB of them needs,
+        assert_eq!(queue_len(&touching, MIB), 16);
+        // Scattered 4 KiB writes: as many places as 16 MiB of them needs,
         // at most 4096.
         let scattered: Vec<Extent> = (0..10_000).map(|i| e(i * 8192, 4096)).collect();
         assert_eq!(queue_len(&scattered, MIB), 4096);
         let scattered: Vec<Extent> = (0..100).map(|i| e(i * 2 * MIB, 64 << 10)).collect();
-        assert_eq!(queue_len(&scattered, MIB), 1024);
+        assert_eq!(queue_len(&scattered, MIB), 256);
+        let scattered: Vec<Extent> = (0..10_000).map(|i| e(i * (64 << 10), 8 << 10)).collect();
+        assert_eq!(queue_len(&scattered, MIB), 2048);
         assert_eq!(queue_len(&[], MIB), 4096);
     }
 
