@@ -12,6 +12,12 @@
 //!   sends short runs raw, trying one in every [`RETRY_EVERY`] again, and
 //!   every one as soon as one compresses.
 //!
+//! A read that is one long run, kept in the read ring's buffer, is tasted
+//! by the reader with a [`Zstd`] of its own: when no sample compresses it
+//! goes straight out raw, and a worker never sees it; when one does, the
+//! worker compresses it whole without tasting it again. Other runs are
+//! tasted by the worker that takes them.
+//!
 //! On random or encrypted data this cuts the compressor's work 128-fold
 //! for 1 MiB reads and sixteenfold for scattered 4 KiB writes;
 //! data that compresses anywhere a sample or a retry lands is compressed.
@@ -67,14 +73,13 @@ impl Zstd {
         })
     }
 
-    /// `raw` compressed, or `None` when that would not save 5%.
-    fn compress(&mut self, raw: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    /// `raw` compressed, or `None` when that would not save 5%. A long run
+    /// already `tasted` (and found worth it) is compressed whole at once.
+    fn compress(&mut self, raw: &[u8], tasted: bool) -> io::Result<Option<Vec<u8>>> {
         if raw.len() >= LONG {
-            if !self.samples_compress(raw)? {
-                self.long_misses = self.long_misses.saturating_add(1);
+            if !tasted && !self.taste(raw)? {
                 return Ok(None);
             }
-            self.long_misses = 0;
             return self.whole(raw);
         }
         if self.misses >= STREAK && !self.misses.is_multiple_of(RETRY_EVERY) {
@@ -84,6 +89,18 @@ impl Zstd {
         let out = self.whole(raw)?;
         self.misses = if out.is_some() { 0 } else { self.misses + 1 };
         Ok(out)
+    }
+
+    /// Whether long run `raw` is worth compressing whole, by its samples;
+    /// the answer counts toward the streak of long runs that were not.
+    pub(super) fn taste(&mut self, raw: &[u8]) -> io::Result<bool> {
+        let worth = self.samples_compress(raw)?;
+        self.long_misses = if worth {
+            0
+        } else {
+            self.long_misses.saturating_add(1)
+        };
+        Ok(worth)
     }
 
     fn whole(&mut self, raw: &[u8]) -> io::Result<Option<Vec<u8>>> {
@@ -132,6 +149,8 @@ pub(super) struct Job {
     /// `xxh3_64` of `raw`.
     pub(super) data_hash: u64,
     pub(super) permit: Permit,
+    /// A long run the reader tasted and found worth compressing whole.
+    pub(super) tasted: bool,
 }
 
 pub(super) struct Worker {
@@ -166,13 +185,7 @@ impl Worker {
             }
             match encode(zstd.as_mut(), job) {
                 Ok(piece) => {
-                    if let Piece::Data {
-                        raw_len, payload, ..
-                    } = &piece
-                    {
-                        Shared::add(&self.shared.data_bytes, u64::from(*raw_len));
-                        Shared::add(&self.shared.payload_bytes, payload.len() as u64);
-                    }
+                    self.shared.count(&piece);
                     if self.out.send(Ok(piece)).is_err() {
                         return;
                     }
@@ -201,10 +214,11 @@ pub(super) fn encode(zstd: Option<&mut Zstd>, job: Job) -> io::Result<Piece> {
         raw,
         data_hash,
         mut permit,
+        tasted,
     } = job;
     let raw_len = u32::try_from(raw.len()).expect("runs are at most one read long");
     let compressed = match zstd {
-        Some(zstd) => zstd.compress(&raw)?,
+        Some(zstd) => zstd.compress(&raw, tasted)?,
         None => None,
     };
     let (codec, payload) = match compressed {
@@ -235,6 +249,7 @@ mod tests {
             permit: budget.acquire(raw.len() as u64).unwrap(),
             data_hash: xxhash_rust::xxh3::xxh3_64(&raw),
             raw: raw.into(),
+            tasted: false,
         }
     }
 
@@ -311,7 +326,7 @@ mod tests {
         for _ in 0..STREAK + 2 * RETRY_EVERY {
             rand::thread_rng().fill_bytes(&mut random);
             let before = z.squeezes;
-            assert!(z.compress(&random).unwrap().is_none());
+            assert!(z.compress(&random, false).unwrap().is_none());
             if z.squeezes > before {
                 tried += 1;
             }
@@ -325,7 +340,7 @@ mod tests {
         let mut long = vec![0; 4 * LONG];
         rand::thread_rng().fill_bytes(&mut long);
         let before = z.squeezes;
-        assert!(z.compress(&long).unwrap().is_none());
+        assert!(z.compress(&long, false).unwrap().is_none());
         assert_eq!(
             z.squeezes - before,
             3,
@@ -334,11 +349,11 @@ mod tests {
         // Compressible data is found at the next retry and ends the streak:
         // every short run is tried again.
         let text = vec![b'a'; 4096];
-        let found = (0..RETRY_EVERY).find(|_| z.compress(&text).unwrap().is_some());
+        let found = (0..RETRY_EVERY).find(|_| z.compress(&text, false).unwrap().is_some());
         assert!(found.is_some(), "a retry must land within RETRY_EVERY runs");
         assert_eq!(z.misses, 0);
         let before = z.squeezes;
-        assert!(z.compress(&random).unwrap().is_none());
+        assert!(z.compress(&random, false).unwrap().is_none());
         assert!(z.squeezes > before, "tried again after a hit");
     }
 
@@ -350,7 +365,7 @@ mod tests {
         for _ in 0..LONG_STREAK + 3 {
             rand::thread_rng().fill_bytes(&mut random);
             let before = z.squeezes;
-            assert!(z.compress(&random).unwrap().is_none());
+            assert!(z.compress(&random, false).unwrap().is_none());
             squeezes.push(z.squeezes - before);
         }
         let streak = LONG_STREAK as usize;
@@ -370,7 +385,7 @@ mod tests {
                     _ => random.len() - (128 << 10),
                 };
                 random[at..at + (128 << 10)].fill(b'a');
-                if z.compress(&random).unwrap().is_some() {
+                if z.compress(&random, false).unwrap().is_some() {
                     found = Some(run);
                     break;
                 }
@@ -381,10 +396,42 @@ mod tests {
             for _ in 0..LONG_STREAK {
                 rand::thread_rng().fill_bytes(&mut random);
                 let before = z.squeezes;
-                assert!(z.compress(&random).unwrap().is_none());
+                assert!(z.compress(&random, false).unwrap().is_none());
                 assert_eq!(z.squeezes - before, 3);
             }
         }
+    }
+
+    #[test]
+    fn a_run_the_reader_tasted_is_compressed_whole_without_tasting_again() {
+        let budget = Budget::new(1 << 20);
+        let text: Vec<u8> = (0..4 * LONG).map(|i| b"ferry "[i % 6]).collect();
+        let mut z = Zstd::new(1).unwrap();
+        assert!(z.taste(&text).unwrap());
+        let before = z.squeezes;
+        let tasted = Job {
+            tasted: true,
+            ..job(&budget, text.clone())
+        };
+        let Piece::Data { codec, payload, .. } = encode(Some(&mut z), tasted).unwrap() else {
+            panic!("not data")
+        };
+        assert_eq!(codec, Codec::Zstd);
+        assert_eq!(zstd::bulk::decompress(&payload, text.len()).unwrap(), text);
+        assert_eq!(z.squeezes - before, 1, "samples were tasted again");
+    }
+
+    #[test]
+    fn tasting_counts_toward_the_streak_of_long_runs() {
+        let mut z = Zstd::new(1).unwrap();
+        let mut random = vec![0; 4 * LONG];
+        rand::thread_rng().fill_bytes(&mut random);
+        assert!(!z.taste(&random).unwrap());
+        assert!(!z.taste(&random).unwrap());
+        assert_eq!(z.long_misses, 2);
+        random[..SAMPLE].fill(b'a');
+        assert!(z.taste(&random).unwrap());
+        assert_eq!(z.long_misses, 0);
     }
 
     #[test]

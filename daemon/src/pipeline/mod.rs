@@ -299,6 +299,17 @@ impl Shared {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
+
+    /// Counts a `Data` piece's raw and payload bytes as it is sent on.
+    fn count(&self, piece: &Piece) {
+        if let Piece::Data {
+            raw_len, payload, ..
+        } = piece
+        {
+            Self::add(&self.data_bytes, u64::from(*raw_len));
+            Self::add(&self.payload_bytes, payload.len() as u64);
+        }
+    }
 }
 
 /// Sends an `Err(Panicked)` down the stream if its thread unwinds, so a
@@ -479,6 +490,12 @@ impl Pipeline {
             )
             .min(long_reads)
             .min(usize::from(u16::MAX) - depth as usize);
+        let taster = match cfg.zstd_level {
+            0 => None,
+            level => Some(
+                compress::Zstd::new(level).map_err(|source| PipelineError::Compress { source })?,
+            ),
+        };
         let reader = reader::Reader {
             path: device.to_owned(),
             reads: reader::Reads::new(extents, read_size),
@@ -492,6 +509,7 @@ impl Pipeline {
             budget,
             shared,
             runs: Vec::new(),
+            taster,
             out: out_tx,
             jobs: job_tx,
         };

@@ -5,7 +5,11 @@
 //! throttles, takes the read's bytes from the memory budget, submits. A
 //! finished read is cut on the device's chunk grid: runs of all-zero chunks
 //! go straight out as `Zero` pieces, runs of other chunks go to the
-//! compressor pool, each with its share of the read's permit.
+//! compressor pool, each with its share of the read's permit. A read that
+//! is one long run of data is tasted here (see [`super::compress`]), and
+//! goes straight out raw when no sample compresses: random or encrypted
+//! data then costs no hand-over to a compressor thread and back, which
+//! was most of a 100% churn job's context switches.
 //!
 //! It never blocks on the budget or a throttle while reads are in flight:
 //! their permits would only come back once it reaps them, so with the budget
@@ -15,8 +19,10 @@
 use std::{collections::HashMap, iter::Peekable, path::PathBuf, sync::Arc, time::Duration};
 
 use super::{
-    compress::Job, Budget, PanicGuard, Payload, Permit, Piece, PipelineError, Sender, Shared,
+    compress::{self, Job, Zstd},
+    Budget, PanicGuard, Payload, Permit, Piece, PipelineError, Sender, Shared,
 };
+use crate::sys::uring::Lease;
 use crate::{
     dirty::Extent,
     sys::{
@@ -147,6 +153,8 @@ pub(super) struct Reader {
     pub(super) shared: Arc<Shared>,
     /// Scratch for each read's runs, kept from read to read.
     pub(super) runs: Vec<Run>,
+    /// Tastes leased long runs; `None` when compression is off.
+    pub(super) taster: Option<Zstd>,
     pub(super) out: Sender,
     pub(super) jobs: crossbeam_channel::Sender<Job>,
 }
@@ -303,10 +311,7 @@ impl Reader {
                 };
                 let sent = match lease {
                     // One run of data, kept where it was read.
-                    Some(lease) => {
-                        let data_hash = crate::hash::data_hash(&lease);
-                        self.send_job(done.offset, Payload::Leased(lease), data_hash, permit)
-                    }
+                    Some(lease) => self.send_leased(done.offset, lease, permit),
                     None => self.split(done.offset, data, &runs, permit),
                 };
                 self.runs = runs;
@@ -389,8 +394,36 @@ impl Reader {
             raw,
             data_hash,
             permit,
+            tasted: false,
         };
         self.jobs.send(job).map_err(|_| Halt::Gone)
+    }
+
+    /// Sends on a read that is one long run of data, kept in its leased
+    /// buffer: to the compressors if a sample of it compresses, else
+    /// straight out, raw.
+    fn send_leased(&mut self, offset: u64, lease: Lease, permit: Permit) -> Result<(), Halt> {
+        let data_hash = crate::hash::data_hash(&lease);
+        let worth = match self.taster.as_mut() {
+            Some(taster) => taster
+                .taste(&lease)
+                .map_err(|source| PipelineError::Compress { source })?,
+            None => false,
+        };
+        let job = Job {
+            offset,
+            raw: Payload::Leased(lease),
+            data_hash,
+            permit,
+            tasted: true,
+        };
+        if worth {
+            return self.jobs.send(job).map_err(|_| Halt::Gone);
+        }
+        let piece =
+            compress::encode(None, job).map_err(|source| PipelineError::Compress { source })?;
+        self.shared.count(&piece);
+        self.out.send(Ok(piece)).map_err(|_| Halt::Gone)
     }
 }
 

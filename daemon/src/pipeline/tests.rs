@@ -291,7 +291,39 @@ fn incompressible_data_is_sent_raw() {
         assert!(payload[..] == data[offset as usize..offset as usize + payload.len()]);
     }
     let stats = p.finish().unwrap();
+    assert_eq!(stats.data_bytes, 2 << 20);
     assert_eq!(stats.payload_bytes, stats.data_bytes);
+}
+
+/// Long reads of data with no zero chunk are tasted by the reader; one that
+/// compresses still reaches a compressor and is compressed whole.
+#[test]
+fn long_compressible_reads_are_compressed_whole() {
+    let data: Vec<u8> = (0..2usize << 20).map(|i| b"standby "[i % 8]).collect();
+    let tmp = TempFile::new("/var/tmp", "text", &data);
+    let extents = vec![Extent {
+        offset: 0,
+        len: 2 << 20,
+    }];
+    let p = Pipeline::start(
+        &tmp.path,
+        2 << 20,
+        extents.clone(),
+        config(64 << 10, 1 << 20),
+    )
+    .unwrap();
+    let file = File::open(&tmp.path).unwrap();
+    let ranges = drain(&p, |piece| {
+        check_piece(&file, 64 << 10, piece);
+        let Piece::Data { codec, raw_len, .. } = piece else {
+            panic!("text read as zeroes")
+        };
+        assert_eq!((*codec, *raw_len), (Codec::Zstd, 1 << 20));
+    });
+    check_coverage(ranges, &extents);
+    let stats = p.finish().unwrap();
+    assert_eq!(stats.data_bytes, 2 << 20);
+    assert!(stats.payload_bytes < stats.data_bytes / 10);
 }
 
 #[test]
