@@ -149,7 +149,8 @@ pub(super) struct Job {
     /// `xxh3_64` of `raw`.
     pub(super) data_hash: u64,
     pub(super) permit: Permit,
-    /// A long run the reader tasted and found worth compressing whole.
+    /// A long run the reader tasted and found worth compressing whole
+    /// (the worker does not taste it again).
     pub(super) tasted: bool,
 }
 

@@ -24,8 +24,9 @@
 //! that long reads are leased from rather than copied (as many as can wait
 //! to be sent, within the budget; none for a job of short reads; past them
 //! leases take the read-ahead buffers but the last), all in one mapping
-//! rounded up to whole 2 MiB huge pages, one
-//! compression scratch buffer per compressor thread, and the queues' slots
+//! rounded up to whole 2 MiB huge pages, one zstd context and
+//! compression scratch buffer per compressor thread (and a context on the
+//! reader, which tastes its leased runs), and the queues' slots
 //! (at most 4096 pieces and 256 jobs, without their data, a few hundred
 //! KiB).
 

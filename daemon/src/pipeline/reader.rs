@@ -8,8 +8,7 @@
 //! compressor pool, each with its share of the read's permit. A read that
 //! is one long run of data is tasted here (see [`super::compress`]), and
 //! goes straight out raw when no sample compresses: random or encrypted
-//! data then costs no hand-over to a compressor thread and back, which
-//! was most of a 100% churn job's context switches.
+//! data then costs no hand-over to a compressor thread and back.
 //!
 //! It never blocks on the budget or a throttle while reads are in flight:
 //! their permits would only come back once it reaps them, so with the budget
@@ -22,12 +21,11 @@ use super::{
     compress::{self, Job, Zstd},
     Budget, PanicGuard, Payload, Permit, Piece, PipelineError, Sender, Shared,
 };
-use crate::sys::uring::Lease;
 use crate::{
     dirty::Extent,
     sys::{
         prio,
-        uring::{self, Completed, ReadReq, ReadResult, ReadRing},
+        uring::{self, Completed, Lease, ReadReq, ReadResult, ReadRing},
     },
     throttle::{IoPrio, RateLimiter, Ticket},
 };
@@ -85,10 +83,10 @@ impl<I: Iterator<Item = Extent>> Iterator for Reads<I> {
 /// Long runs are leased from the read ring, which has a buffer for each
 /// place in the queue, and every buffer is faulted in and pinned when the
 /// ring starts. So long runs are held to 16 MiB: at 64 MiB a 100% churn
-/// job pinned 92 MiB and spent about 0.1 CPU seconds more per 4 GiB (11
-/// alternating pairs, ferry's own time 0.60 against 0.50 s), clearing
-/// pages and hashing payloads that waited long enough to leave the cache;
-/// at `mem_cap` (256 MiB) its page faults doubled again. Once connected,
+/// job pinned 92 MiB (now 42) and spent about 0.1 CPU seconds more per
+/// 4 GiB (11 alternating pairs, ferry's own time 0.60 against 0.50 s;
+/// `perf` showed the kernel clearing those pages at registration); at
+/// `mem_cap` (256 MiB) its page faults doubled again. Once connected,
 /// the link sets the pace and the queue only needs to keep it fed.
 const QUEUED: u64 = 16 << 20;
 
@@ -415,7 +413,7 @@ impl Reader {
             raw: Payload::Leased(lease),
             data_hash,
             permit,
-            tasted: true,
+            tasted: worth,
         };
         if worth {
             return self.jobs.send(job).map_err(|_| Halt::Gone);
